@@ -1,0 +1,569 @@
+"""Small shared plumbing for every train_*.py and eval.py: data, device, flags, checkpoints, logs.
+
+Nothing here knows about a method: losses, update orders and schedules live in the scripts.
+
+Data path: the whole split is held as a uint8 tensor on the training device; batches are index
+slices of it, converted to float in [0, 1] (and, for CIFAR, randomly cropped and flipped) on the
+device. There is no DataLoader and no per-sample Python in the hot loop.
+"""
+import argparse
+import functools
+import json
+import math
+import os
+import pickle
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+import models
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one line, without a traceback."""
+
+
+def main_guard(main):
+    """Run ``main`` so that a UserError (or Ctrl-C) ends the program with one line."""
+    @functools.wraps(main)
+    def wrapper(argv=None):
+        try:
+            return main(argv)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            print("interrupted: the run folder keeps the last finished epoch (use --resume)",
+                  file=sys.stderr)
+            sys.exit(130)
+    return wrapper
+
+
+# ----------------------------------------------------------------------------------- datasets
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    num_classes: int
+    in_channels: int
+    native_size: int
+    files: tuple   # what torchvision expects on disk, relative to --data-dir
+
+
+DATASETS = {
+    'mnist': DatasetInfo(10, 1, 28, ('MNIST/raw/train-images-idx3-ubyte', 'MNIST/raw/train-labels-idx1-ubyte',
+                                     'MNIST/raw/t10k-images-idx3-ubyte', 'MNIST/raw/t10k-labels-idx1-ubyte')),
+    'cifar10': DatasetInfo(10, 3, 32, tuple(f'cifar-10-batches-py/{f}' for f in
+                                            ['data_batch_1', 'data_batch_2', 'data_batch_3',
+                                             'data_batch_4', 'data_batch_5', 'test_batch',
+                                             'batches.meta'])),
+    'cifar100': DatasetInfo(100, 3, 32, ('cifar-100-python/train', 'cifar-100-python/test',
+                                         'cifar-100-python/meta')),
+}
+
+
+@dataclass
+class Split:
+    """A dataset split held on the device: x uint8 (N x C x H x W), y int64 (N)."""
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self):
+        return self.y.shape[0]
+
+    def head(self, n):
+        """The first n examples (all when n is None or larger than the split)."""
+        if n is None or n >= len(self):
+            return self
+        return Split(self.x[:n], self.y[:n])
+
+
+def _torchvision_dataset(name, root, train):
+    """Load through torchvision, downloading when the files are missing."""
+    from torchvision import datasets
+    if name == 'mnist':
+        return datasets.MNIST(root, train=train, download=True)
+    # torchvision verifies CIFAR files by md5 before it will read them; here a file that
+    # exists is read as is (so hand-placed or synthetic files in the same layout load), and
+    # torchvision's download (which does check the archive's md5) runs only when files are missing.
+    base = datasets.CIFAR10 if name == 'cifar10' else datasets.CIFAR100
+
+    class Cifar(base):
+        def _check_integrity(self):
+            return all(os.path.isfile(os.path.join(self.root, self.base_folder, f))
+                       for f, _ in self.train_list + self.test_list + [(self.meta['filename'], '')])
+
+        def _load_meta(self):
+            with open(os.path.join(self.root, self.base_folder, self.meta['filename']), 'rb') as f:
+                self.classes = pickle.load(f, encoding='latin1')[self.meta['key']]
+    return Cifar(root, train=train, download=True)
+
+
+def load_split(name, data_dir, train, image_size=None, device='cpu', size=None):
+    """Return a Split of dataset ``name`` ('mnist', 'cifar10', 'cifar100') on ``device``.
+    ``image_size``: resize (bilinear, once, at load time) when it differs from the native size
+    (MNIST 28 -> 32 for CNN_B, AELF Appendix C). ``size``: keep the first ``size`` examples."""
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset {name!r}: choose from {', '.join(DATASETS)}")
+    info = DATASETS[name]
+    try:
+        ds = _torchvision_dataset(name, data_dir, train)
+    except (RuntimeError, OSError, ValueError, EOFError, pickle.UnpicklingError) as e:
+        expected = ', '.join(os.path.join(data_dir, f) for f in info.files)
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise UserError(f"could not load {name} from {data_dir!r} ({reason}); when offline, "
+                        f"place torchvision's files there by hand: {expected}") from None
+    x = torch.as_tensor(ds.data)
+    y = torch.as_tensor(ds.targets, dtype=torch.long)
+    if size is not None:
+        x, y = x[:size], y[:size]
+    x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # N x C x H x W
+    if image_size and image_size != x.shape[-1]:
+        out = []
+        for chunk in x.split(8192):
+            r = torch.nn.functional.interpolate(chunk.float(), size=(image_size, image_size),
+                                                mode='bilinear', align_corners=False)
+            out.append(r.round_().clamp_(0, 255).to(torch.uint8))
+        x = torch.cat(out)
+    return Split(x.contiguous().to(device), y.to(device))
+
+
+def to_float(x_uint8, channels_last=False):
+    """uint8 batch -> float32 in [0, 1] (on the batch's device)."""
+    x = x_uint8.float().div_(255.0)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def augment(x, padding):
+    """CIFAR augmentation on a float batch, on its device: random crop with zero padding
+    ``padding`` and random horizontal flip, each drawn per sample from the global RNG."""
+    b, c, h, w = x.shape
+    if padding > 0:
+        xp = torch.nn.functional.pad(x, (padding, padding, padding, padding))
+        dy = torch.randint(0, 2 * padding + 1, (b,), device=x.device)
+        dx = torch.randint(0, 2 * padding + 1, (b,), device=x.device)
+        rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+        cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+        bidx = torch.arange(b, device=x.device)[:, None, None, None]
+        cidx = torch.arange(c, device=x.device)[None, :, None, None]
+        x = xp[bidx, cidx, rows, cols]
+    flip = torch.rand(b, device=x.device) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+def batches(split, batch_size, shuffle=False, padding=None, channels_last=False):
+    """Yield (x float in [0, 1], y) mini-batches sliced from a Split on its device.
+    ``shuffle`` draws the order from the global RNG (seeded per epoch by ``seed_epoch``);
+    ``padding`` (not None) turns on the CIFAR crop + flip augmentation."""
+    n = len(split)
+    order = torch.randperm(n, device=split.y.device) if shuffle else None
+    for start in range(0, n, batch_size):
+        if order is None:
+            xb, yb = split.x[start:start + batch_size], split.y[start:start + batch_size]
+        else:
+            idx = order[start:start + batch_size]
+            xb, yb = split.x[idx], split.y[idx]
+        xb = to_float(xb)
+        if padding is not None:
+            xb = augment(xb, padding)
+        if channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        yield xb, yb
+
+
+# ------------------------------------------------------------------------ device, seed, amp
+
+def get_device(name):
+    if name == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    if name == 'cuda' and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but CUDA is not available: use --device cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed):
+    torch.manual_seed(seed)
+
+
+def seed_epoch(seed, epoch):
+    """Re-seed the global RNG at the start of each epoch, so that shuffling, augmentation and
+    random starts of epoch e are the same whether or not the run was resumed before e."""
+    torch.manual_seed(seed * 100003 + epoch)
+
+
+def autocast(device, enabled):
+    """bfloat16 autocast on CUDA when ``enabled`` (--amp); a no-op elsewhere."""
+    if enabled and device.type == 'cuda':
+        return torch.autocast('cuda', dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def prepare_model(model, device):
+    """Move to device; channels_last on CUDA (faster convolutions with cuDNN)."""
+    device = torch.device(device)
+    model = model.to(device)
+    if device.type == 'cuda':
+        model = model.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True
+    return model
+
+
+def lr_at(epoch, base_lr, milestones, gamma=0.1):
+    """Multi-step schedule: base_lr * gamma^(number of milestones <= epoch), epochs from 0.
+    E.g. milestones [20, 40]: epochs 0-19 at lr, 20-39 at lr/10, 40+ at lr/100 (AELF App. C)."""
+    return base_lr * gamma ** sum(epoch >= m for m in milestones)
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+
+
+def check_finite(loss, epoch, step):
+    """Stop with one line on a NaN/inf loss instead of training on garbage."""
+    if not math.isfinite(float(loss)):
+        raise UserError(f"loss became {float(loss)} at epoch {epoch + 1}, step {step}: lower "
+                        f"--lr, or turn off --amp; the run folder keeps the last finished epoch")
+
+
+@torch.no_grad()
+def _predict(model, x):
+    return model(x).argmax(1)
+
+
+def correct(model, split, attack=None, batch_size=500, device=None, amp=False):
+    """Per-example correctness (bool tensor) of ``model`` on ``split`` in eval mode; ``attack``
+    is a callable (model, x, y) -> x_adv applied to each batch first."""
+    device = torch.device(device or split.y.device)
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for x, y in batches(split, batch_size, channels_last=device.type == 'cuda'):
+            with autocast(device, amp):
+                if attack is not None:
+                    x = attack(model, x, y)
+                out.append(_predict(model, x) == y)
+    finally:
+        model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
+
+
+def accuracy(model, split, attack=None, batch_size=500, amp=False):
+    """Accuracy in percent (eval mode, batched); see ``correct``."""
+    c = correct(model, split, attack, batch_size, amp=amp)
+    return 100.0 * c.sum().item() / len(c) if len(c) else float('nan')
+
+
+# ------------------------------------------------------------------------------------- flags
+
+def aelf_protocol(dataset, model=None, standard=False):
+    """Defaults of AELF Appendix C for ``dataset`` (shared by AT, ST, JT, TRADES, AELF, AELFs).
+    MNIST: CNN_B at 32x32, 50 epochs, lr 0.1 x0.1 after 20 and 40, PGD(0.3, 16, 0.02).
+    CIFAR-10: CNN_B, crop (padding 2) + flip, 160 epochs (ST: 100), lr steps at 50, 100 (ST: 40,
+    80), PGD(0.031, 5, 0.01), weight decay 2e-4 for CNN_B. CIFAR-100: WRN-28-10, PGD(0.03, 7,
+    0.0075). Batch 128, SGD momentum 0.9, lr 0.1, weight decay 5e-4, seed 8, no random start."""
+    p = dict(batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4, seed=8, random_start=False)
+    if dataset == 'mnist':
+        p.update(model='cnn_b', epochs=50, milestones=[20, 40], eps=0.3, steps=16, step_size=0.02,
+                 padding=None)
+    elif dataset in ('cifar10', 'cifar100'):
+        p.update(model='cnn_b' if dataset == 'cifar10' else 'wrn', padding=2)
+        p.update(epochs=100, milestones=[40, 80]) if standard else p.update(epochs=160, milestones=[50, 100])
+        if dataset == 'cifar10':
+            p.update(eps=0.031, steps=5, step_size=0.01)
+        else:
+            p.update(eps=0.03, steps=7, step_size=0.0075, depth=28, widen_factor=10)
+        if dataset == 'cifar10' and (model or p['model']) == 'cnn_b':
+            p.update(weight_decay=2e-4)
+    return p
+
+
+def add_common_args(parser):
+    """The flags every train_*.py shares. Defaults left as None are filled by the script's
+    protocol (``finish_args``) for the chosen dataset."""
+    g = parser.add_argument_group('data and model')
+    g.add_argument('--dataset', default='mnist', choices=sorted(DATASETS))
+    g.add_argument('--data-dir', default='./data', help='torchvision root (default ./data)')
+    g.add_argument('--model', choices=sorted(models.ARCHITECTURES), help='architecture')
+    g.add_argument('--act', choices=['relu', 'leakyrelu'], help='activation (cnn_b, resnet18, wrn)')
+    g.add_argument('--slope', type=float, default=0.01, help='LeakyReLU negative slope')
+    g.add_argument('--width', type=float, default=1.0, help='channel multiplier (cnn_b, resnet18)')
+    g.add_argument('--depth', type=int, help='WRN depth (34, 28, 40)')
+    g.add_argument('--widen-factor', type=int, help='WRN widen factor')
+    g.add_argument('--dropout', type=float, default=0.0, help='WRN dropout')
+    g.add_argument('--image-size', type=int, help='input side (MNIST: 32 for cnn_b, 28 otherwise)')
+    g.add_argument('--padding', type=int, help='CIFAR random-crop zero padding (default 2)')
+    g.add_argument('--train-size', type=int, help='use the first N training images')
+    g.add_argument('--test-size', type=int, help='use the first N test images')
+    g.add_argument('--eval-size', type=int, default=1000,
+                   help='test images attacked after each epoch (the last epoch uses all)')
+    g = parser.add_argument_group('optimisation')
+    g.add_argument('--epochs', type=int)
+    g.add_argument('--lr', type=float)
+    g.add_argument('--milestones', type=int, nargs='*', help='epochs where lr is multiplied by 0.1')
+    g.add_argument('--batch-size', type=int)
+    g.add_argument('--momentum', type=float)
+    g.add_argument('--weight-decay', type=float)
+    g = parser.add_argument_group('training attack (l-inf PGD)')
+    g.add_argument('--eps', type=float)
+    g.add_argument('--steps', type=int)
+    g.add_argument('--step-size', type=float)
+    g.add_argument('--random-start', action=argparse.BooleanOptionalAction, default=None)
+    g = parser.add_argument_group('run')
+    g.add_argument('--seed', type=int)
+    g.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
+    g.add_argument('--amp', action='store_true', help='bfloat16 autocast on CUDA')
+    g.add_argument('--out', help='run folder (default runs/<script>-<dataset>-<model>-s<seed>)')
+    g.add_argument('--resume', action='store_true', help='continue from <out>/last.pt')
+    g.add_argument('--overwrite', action='store_true', help='replace a finished run in <out>')
+    return parser
+
+
+def finish_args(parser, args, protocol):
+    """Fill every flag left unset from ``protocol`` (a dict of defaults), then validate.
+    Bad values end with argparse's one-line usage error."""
+    for key, value in protocol.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.act is None:
+        args.act = 'leakyrelu' if args.model == 'cnn_b' else 'relu'
+    if args.depth is None:
+        args.depth = 34
+    if args.widen_factor is None:
+        args.widen_factor = 10
+    if args.image_size is None:
+        args.image_size = 32 if args.model != 'madry_cnn' else DATASETS[args.dataset].native_size
+    checks = [
+        (args.epochs > 0, '--epochs must be positive'),
+        (args.batch_size > 0, '--batch-size must be positive'),
+        (args.lr > 0, '--lr must be positive'),
+        (args.eps >= 0 and args.steps >= 0 and args.step_size >= 0, '--eps, --steps, --step-size must be >= 0'),
+        (list(args.milestones) == sorted(args.milestones), '--milestones must be increasing'),
+        (args.width > 0, '--width must be positive'),
+        (args.train_size is None or args.train_size > 0, '--train-size must be positive'),
+        (args.test_size is None or args.test_size > 0, '--test-size must be positive'),
+        (args.eval_size > 0, '--eval-size must be positive'),
+        (not (args.resume and args.overwrite), '--resume and --overwrite exclude each other'),
+        (args.image_size % 8 == 0 or args.model not in ('cnn_b',), 'cnn_b needs --image-size a multiple of 8'),
+    ]
+    for ok, message in checks:
+        if not ok:
+            parser.error(message)
+    return args
+
+
+def model_kwargs(args):
+    """Constructor arguments of the model the flags describe."""
+    if args.model == 'cnn_b':
+        return dict(width=args.width, act=args.act, slope=args.slope)
+    if args.model == 'madry_cnn':
+        return dict(image_size=args.image_size)
+    if args.model == 'resnet18':
+        return dict(width=args.width, act=args.act, slope=args.slope)
+    if args.model == 'wrn':
+        return dict(depth=args.depth, widen_factor=args.widen_factor, dropout=args.dropout,
+                    act=args.act, slope=args.slope)
+    raise UserError(f"unknown model {args.model!r}")
+
+
+def build_model(args, **extra):
+    info = DATASETS[args.dataset]
+    try:
+        return models.build(args.model, info.num_classes, info.in_channels,
+                            **model_kwargs(args), **extra)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def load_data(args, device):
+    """(train Split, test Split) on ``device`` as the flags describe."""
+    kw = dict(image_size=args.image_size, device=device)
+    train = load_split(args.dataset, args.data_dir, True, size=args.train_size, **kw)
+    test = load_split(args.dataset, args.data_dir, False, size=args.test_size, **kw)
+    return train, test
+
+
+def attack_summary(args):
+    return f"PGD({args.eps:g}, {args.steps}, {args.step_size:g}{', rand' if args.random_start else ''})"
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+CKPT_FORMAT = 'adv-training-checkpoint-v1'
+
+
+def save_checkpoint(path, model, args, epoch, optimizer=None, metrics=None, finished=False, **extra):
+    """Atomically write everything needed to rebuild and continue: model name and constructor
+    arguments, state dict, the script's args, epoch (number of finished epochs), optimizer
+    state (a state_dict or a dict of them), last metrics, ``finished``, and ``extra``."""
+    payload = {
+        'format': CKPT_FORMAT,
+        'model': model.arch_name,
+        'model_kwargs': dict(model.arch_kwargs),
+        'state_dict': {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        'args': {k: v for k, v in vars(args).items()},
+        'epoch': epoch,
+        'optimizer': optimizer,
+        'metrics': metrics or {},
+        'finished': finished,
+        **extra,
+    }
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """Read a checkpoint written by ``save_checkpoint`` (on CPU); one-line errors otherwise."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path!r} does not exist")
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # torch raises many kinds for a damaged file
+        raise UserError(f"checkpoint {path!r} is not readable ({type(e).__name__}): the file is "
+                        f"corrupt or not a checkpoint of this repo; re-run the training") from None
+    if not isinstance(ckpt, dict) or ckpt.get('format') != CKPT_FORMAT:
+        raise UserError(f"{path!r} is not a checkpoint of this repo (no '{CKPT_FORMAT}' format tag)")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, device='cpu', path='checkpoint'):
+    """Rebuild the model a checkpoint was saved from and load its weights."""
+    try:
+        model = models.build(ckpt['model'], **ckpt['model_kwargs'])
+        model.load_state_dict(ckpt['state_dict'])
+    except (ValueError, TypeError, RuntimeError, KeyError) as e:
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot rebuild the model saved in {path!r}: {first}") from None
+    return prepare_model(model, device)
+
+
+def load_weights_into(model, path):
+    """Copy the weights of checkpoint ``path`` into ``model``, which must be the same
+    architecture with the same constructor arguments (else a one-line error)."""
+    ckpt = load_checkpoint(path)
+    ours = (model.arch_name, dict(model.arch_kwargs))
+    theirs = (ckpt.get('model'), dict(ckpt.get('model_kwargs', {})))
+    if ours != theirs:
+        raise UserError(f"{path!r} holds {describe(*theirs)} but this run builds {describe(*ours)}: "
+                        f"pass a checkpoint trained with the same --model/--width/--act")
+    model.load_state_dict(ckpt['state_dict'])
+    return ckpt
+
+
+def describe(name, kwargs):
+    return f"{name}({', '.join(f'{k}={v}' for k, v in sorted(kwargs.items()))})"
+
+
+# ------------------------------------------------------------------------------- run folder
+
+class Run:
+    """The run folder: last.pt (every epoch), best.pt (best robust test accuracy), log.jsonl
+    (one JSON object per epoch), and the console lines.
+
+    A folder that holds a checkpoint is never silently replaced: without --resume or
+    --overwrite the run stops with one line. --resume continues from last.pt (RNG is re-seeded
+    per epoch, so the result equals an uninterrupted run)."""
+
+    def __init__(self, args, script):
+        self.args, self.script = args, script
+        if args.out is None:
+            args.out = os.path.join('runs', f"{script}-{args.dataset}-{args.model}-s{args.seed}")
+        self.dir = args.out
+        self.last, self.best = os.path.join(self.dir, 'last.pt'), os.path.join(self.dir, 'best.pt')
+        self.log_path = os.path.join(self.dir, 'log.jsonl')
+        self.resume_ckpt = None
+        self.best_score = None
+        if os.path.exists(self.last):
+            ckpt = load_checkpoint(self.last)
+            state = 'a finished run' if ckpt.get('finished') else f"a run stopped after epoch {ckpt['epoch']}"
+            if args.resume:
+                self.resume_ckpt = ckpt
+                self.best_score = ckpt.get('best_score')
+            elif args.overwrite:
+                for p in (self.last, self.best, self.log_path, os.path.join(self.dir, 'final.json')):
+                    if os.path.exists(p):
+                        os.remove(p)
+            else:
+                raise UserError(f"{self.dir} holds {state}: pass --resume to continue it, "
+                                f"--overwrite to start again, or --out to use another folder")
+        elif args.resume:
+            raise UserError(f"nothing to resume: {self.last} does not exist")
+        os.makedirs(self.dir, exist_ok=True)
+        self.start = time.time()
+
+    @property
+    def start_epoch(self):
+        return self.resume_ckpt['epoch'] if self.resume_ckpt else 0
+
+    def resume(self, model, load_optimizer):
+        """Load model weights and hand the saved optimizer state to ``load_optimizer``.
+        Returns the saved extra state (dict) or None when not resuming."""
+        if self.resume_ckpt is None:
+            return None
+        ckpt = self.resume_ckpt
+        ours = (model.arch_name, dict(model.arch_kwargs))
+        if (ckpt['model'], dict(ckpt['model_kwargs'])) != ours:
+            raise UserError(f"{self.last} holds {describe(ckpt['model'], ckpt['model_kwargs'])}, "
+                            f"not {describe(*ours)}: resume with the flags of the original run")
+        model.load_state_dict(ckpt['state_dict'])
+        load_optimizer(ckpt['optimizer'])
+        print(f"resuming {self.dir} after epoch {ckpt['epoch']}")
+        return ckpt
+
+    def log_epoch(self, record, total_epochs):
+        """Append one JSON line and print one console line with an ETA."""
+        with open(self.log_path, 'a') as f:
+            f.write(json.dumps(record) + '\n')
+        done = record['epoch'] - self.start_epoch
+        left = total_epochs - record['epoch']
+        eta = (time.time() - self.start) / max(done, 1) * left
+        parts = [f"epoch {record['epoch']}/{total_epochs}", f"lr {record['lr']:.4g}",
+                 f"loss {record['train_loss']:.4f}", f"train {record['train_acc']:.2f}%",
+                 f"test nat {record['test_nat']:.2f}%"]
+        if record.get('test_adv') is not None:
+            parts.append(f"adv {record['test_adv']:.2f}%")
+        parts += [f"{record['seconds']:.1f}s", f"{record['images_per_s']:.0f} img/s",
+                  f"ETA {format_seconds(eta)}"]
+        print(' | '.join(parts), flush=True)
+
+    def save(self, model, epoch, optimizer, metrics, score, finished=False, **extra):
+        """Write last.pt every epoch, and best.pt when ``score`` (robust test accuracy for
+        adversarial methods, natural accuracy for ST) beats the best so far."""
+        improved = self.best_score is None or score > self.best_score
+        if improved:
+            self.best_score = score
+        extra.update(best_score=self.best_score, script=self.script)
+        save_checkpoint(self.last, model, self.args, epoch, optimizer, metrics, finished, **extra)
+        if improved:
+            save_checkpoint(self.best, model, self.args, epoch, optimizer, metrics, finished, **extra)
+
+    def finish(self, metrics):
+        with open(os.path.join(self.dir, 'final.json'), 'w') as f:
+            json.dump(metrics, f, indent=1)
+        print(f"done in {format_seconds(time.time() - self.start)}: " +
+              ', '.join(f"{k} {v:.2f}%" for k, v in metrics.items() if isinstance(v, float)) +
+              f" -> {self.dir}", flush=True)
+
+
+class Progress:
+    """A short progress line inside long epochs (at most every ``every`` seconds)."""
+
+    def __init__(self, total_steps, every=30.0):
+        self.total, self.every = total_steps, every
+        self.t0 = self.last = time.time()
+
+    def step(self, i, images, loss):
+        now = time.time()
+        if now - self.last >= self.every:
+            self.last = now
+            rate = images / max(now - self.t0, 1e-9)
+            print(f"  step {i}/{self.total} loss {loss:.4f} {rate:.0f} img/s", flush=True)
+
+
+def format_seconds(s):
+    s = int(max(s, 0))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"

@@ -1,0 +1,120 @@
+"""Evaluate checkpoints of any train_*.py: one markdown table, one row per checkpoint.
+
+    python eval.py --ckpt runs/at-mnist-cnn_b-s8/best.pt runs/st-mnist-cnn_b-s8/last.pt
+    python eval.py --ckpt A.pt --autoattack --test-size 1000 --json results.json
+
+Columns (accuracy in percent on the first --test-size test images):
+- natural: clean inputs;
+- PGD (train): the l-inf PGD the checkpoint was trained with (its eps, steps, step size and
+  random-start setting, read from the checkpoint's saved args);
+- PGD-20: 20 steps, random start, step 2.5 * eps / 20 (Madry et al.'s rule), same eps;
+- CW-inf: the same PGD-20 on the Carlini-Wagner margin loss;
+- AA (with --autoattack): AutoAttack, standard version (Croce & Hein 2020, the pyautoattack
+  package), an independent and standard robustness check.
+Models are rebuilt from the name and constructor arguments stored in each checkpoint, on the
+dataset and image size they were trained on.
+"""
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+import common
+from attacks import pgd
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--ckpt', nargs='+', required=True, help='checkpoint files (.pt)')
+    p.add_argument('--data-dir', help="torchvision root (default: the checkpoint's --data-dir)")
+    p.add_argument('--test-size', type=int, help='first N test images (default: all)')
+    p.add_argument('--batch-size', type=int, default=500)
+    p.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
+    p.add_argument('--eps', type=float, help="attack radius (default: the checkpoint's training eps)")
+    p.add_argument('--autoattack', action='store_true', help='also run AutoAttack (standard)')
+    p.add_argument('--seed', type=int, default=0, help='seed for random starts and AutoAttack')
+    p.add_argument('--json', help='write the numbers to this JSON file as well')
+    args = p.parse_args(argv)
+    if args.test_size is not None and args.test_size <= 0:
+        p.error('--test-size must be positive')
+    return args
+
+
+def autoattack_accuracy(model, split, eps, device, seed, batch_size):
+    """AutoAttack 'standard' on the main logits (pyautoattack 0.2.0's API)."""
+    try:
+        from pyautoattack import AutoAttack
+    except ImportError:
+        raise common.UserError("--autoattack needs the pyautoattack package: "
+                               "pip install -r requirements.txt") from None
+    model.eval()
+    x = common.to_float(split.x)
+    aa = AutoAttack(model, norm='Linf', eps=eps, version='standard', device=device, seed=seed)
+    x_adv, _ = aa.run_standard_evaluation(x, split.y, batch_size=batch_size)
+    with torch.no_grad():   # score the float x_adv itself (no uint8 round trip)
+        preds = torch.cat([model(xb).argmax(1) for xb in x_adv.split(batch_size)])
+    return 100.0 * (preds == split.y).sum().item() / len(split)
+
+
+def evaluate(path, args, device):
+    ckpt = common.load_checkpoint(path)
+    model = common.model_from_checkpoint(ckpt, device, path)
+    model.eval()
+    a = ckpt['args']
+    test = common.load_split(a['dataset'], args.data_dir or a.get('data_dir', './data'), False,
+                             image_size=a.get('image_size'), device=device, size=args.test_size)
+    eps = a.get('eps', 0.0) if args.eps is None else args.eps
+    train_steps, train_step_size = a.get('steps', 0), a.get('step_size', 0.0)
+    if args.eps is not None and a.get('eps'):   # keep the training step/eps ratio
+        train_step_size = train_step_size * args.eps / a['eps']
+    step20 = 2.5 * eps / 20
+    attacks = {
+        'natural': None,
+        'pgd_train': lambda m, x, y: pgd(m, x, y, eps, train_steps, train_step_size,
+                                         bool(a.get('random_start'))),
+        'pgd20': lambda m, x, y: pgd(m, x, y, eps, 20, step20, random_start=True),
+        'cw20': lambda m, x, y: pgd(m, x, y, eps, 20, step20, random_start=True, loss='cw'),
+    }
+    row = {'ckpt': path, 'script': ckpt.get('script', ''), 'model': ckpt['model'],
+           'dataset': a['dataset'], 'epoch': ckpt.get('epoch'), 'test_images': len(test),
+           'eps': eps, 'pgd_train': f"PGD({eps:g}, {train_steps}, {train_step_size:g})"}
+    t0 = time.time()
+    for name, attack in attacks.items():
+        common.seed_everything(args.seed)
+        row[name + '_acc'] = common.accuracy(model, test, attack, args.batch_size)
+    if args.autoattack:
+        row['autoattack_acc'] = autoattack_accuracy(model, test, eps, device, args.seed,
+                                                    args.batch_size)
+    row['seconds'] = time.time() - t0
+    return row
+
+
+def markdown(rows, autoattack):
+    head = ['checkpoint', 'natural', 'PGD (train)', 'PGD-20', 'CW-inf'] + (['AA'] if autoattack else [])
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    for r in rows:
+        cells = [f"{r['ckpt']} ({r['pgd_train']}, n={r['test_images']})", f"{r['natural_acc']:.2f}",
+                 f"{r['pgd_train_acc']:.2f}", f"{r['pgd20_acc']:.2f}", f"{r['cw20_acc']:.2f}"]
+        if autoattack:
+            cells.append(f"{r['autoattack_acc']:.2f}")
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
+@common.main_guard
+def main(argv=None):
+    args = parse_args(argv)
+    device = common.get_device(args.device)
+    rows = [evaluate(path, args, device) for path in args.ckpt]
+    print(markdown(rows, args.autoattack))
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump({'rows': rows, 'test_size': args.test_size, 'seed': args.seed}, f, indent=1)
+        print(f"wrote {args.json}", file=sys.stderr)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,202 @@
+"""Model definitions: everything needed to rebuild a trained model from its checkpoint.
+
+Every model is split the way the AELF paper splits it (Sec. 3.1): a feature extractor ``c``
+mapping x to the penultimate embedding f, and a final linear layer ``w`` (``self.fc``):
+
+    x --c--> f = model.features(x)  (B x D) --w--> logits = model.fc(f)
+
+and ``model(x) == model.fc(model.features(x))``. The feature extractor itself is a list of
+``stages`` (conv blocks / residual stages) followed by ``pool`` (the map from the last stage's
+feature maps to f), so later methods can reach the intermediate feature maps A_l
+(AGAIN's ASE head, class activation maps) without knowing the architecture.
+
+Use ``build(name, num_classes, in_channels, **kw)``; the returned model remembers its name and
+constructor arguments (``arch_name``, ``arch_kwargs``) so checkpoints can rebuild it.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def make_act(act, slope=0.01):
+    """'relu' or 'leakyrelu' (AELFs prefers LeakyReLU: ReLU units can lock after ST init)."""
+    if act == 'relu':
+        return nn.ReLU(inplace=True)
+    if act == 'leakyrelu':
+        return nn.LeakyReLU(slope, inplace=True)
+    raise ValueError(f"unknown activation {act!r} (use relu or leakyrelu)")
+
+
+class StagedNet(nn.Module):
+    """Base: features(x) = pool(stages(x)); forward(x) = fc(features(x))."""
+
+    def feature_maps(self, x):
+        """Output of the last stage (B x C x H x W), before ``pool``."""
+        for stage in self.stages:
+            x = stage(x)
+        return x
+
+    def features(self, x):
+        return self.pool(self.feature_maps(x))
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+
+class CNNB(StagedNet):
+    """CNN_B of AELF Table 1: five 3x3 convs (64, 64, 128, 256, 512), each with BatchNorm and
+    LeakyReLU; average pooling 2x2 after convs 2, 3, 4 and 4x4 after conv 5; linear 512 ->
+    classes. Built for 32x32 inputs (MNIST is resized to 32x32, AELF Appendix C).
+    ``width`` scales every channel count (1.0 = the paper's model; smaller for CPU runs)."""
+
+    def __init__(self, num_classes=10, in_channels=1, width=1.0, act='leakyrelu', slope=0.01):
+        super().__init__()
+        chans = [max(1, int(round(c * width))) for c in (64, 64, 128, 256, 512)]
+        pools = [None, 2, 2, 2, 4]
+        stages, c_in = [], in_channels
+        for c_out, pool in zip(chans, pools):
+            layers = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                      make_act(act, slope)]
+            if pool:
+                layers.append(nn.AvgPool2d(pool))
+            stages.append(nn.Sequential(*layers))
+            c_in = c_out
+        self.stages = nn.ModuleList(stages)
+        # After 2*2*2 pooling a 32x32 input is 4x4; the 4x4 pool leaves 1x1. Adaptive pooling
+        # keeps the model usable (and identical) for other sizes that are multiples of 8.
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(c_in, num_classes)
+        self.feature_dim = c_in
+
+
+class MadryCNN(StagedNet):
+    """The MNIST CNN of Madry et al. (2018): conv 5x5 32, max-pool 2, conv 5x5 64, max-pool 2,
+    FC 1024, FC classes (ReLU). Its embedding f is the 1024-d FC output, so ``pool`` holds
+    flatten + FC 1024 + ReLU."""
+
+    def __init__(self, num_classes=10, in_channels=1, image_size=28):
+        super().__init__()
+        self.stages = nn.ModuleList([
+            nn.Sequential(nn.Conv2d(in_channels, 32, 5, padding=2), nn.ReLU(inplace=True),
+                          nn.MaxPool2d(2)),
+            nn.Sequential(nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(inplace=True),
+                          nn.MaxPool2d(2)),
+        ])
+        side = image_size // 4
+        self.pool = nn.Sequential(nn.Flatten(), nn.Linear(64 * side * side, 1024),
+                                  nn.ReLU(inplace=True))
+        self.fc = nn.Linear(1024, num_classes)
+        self.feature_dim = 1024
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block (post-activation)."""
+
+    def __init__(self, c_in, c_out, stride, act, slope):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.act1, self.act2 = make_act(act, slope), make_act(act, slope)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
+                                          nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        out = self.act1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.act2(out + self.shortcut(x))
+
+
+class ResNet18(StagedNet):
+    """The usual CIFAR ResNet-18: 3x3 stem (no max-pool), four stages of two basic blocks
+    (64, 128, 256, 512), global average pooling, linear 512 -> classes.
+    stages[0] is the stem, stages[1..4] are layer1..layer4 (AGAIN's ``ase_layer`` 1-4)."""
+
+    def __init__(self, num_classes=10, in_channels=3, act='relu', slope=0.01, width=1.0):
+        super().__init__()
+        chans = [max(1, int(round(c * width))) for c in (64, 128, 256, 512)]
+        stem = nn.Sequential(nn.Conv2d(in_channels, chans[0], 3, 1, 1, bias=False),
+                             nn.BatchNorm2d(chans[0]), make_act(act, slope))
+        stages, c_in = [stem], chans[0]
+        for i, c_out in enumerate(chans):
+            stride = 1 if i == 0 else 2
+            stages.append(nn.Sequential(BasicBlock(c_in, c_out, stride, act, slope),
+                                        BasicBlock(c_out, c_out, 1, act, slope)))
+            c_in = c_out
+        self.stages = nn.ModuleList(stages)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(c_in, num_classes)
+        self.feature_dim = c_in
+
+
+class WideBlock(nn.Module):
+    """Pre-activation wide residual block (Zagoruyko & Komodakis 2016) with optional dropout."""
+
+    def __init__(self, c_in, c_out, stride, dropout, act, slope):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(c_in)
+        self.act1 = make_act(act, slope)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.act2 = make_act(act, slope)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.dropout = dropout
+        self.equal = c_in == c_out and stride == 1
+        self.shortcut = None if self.equal else nn.Conv2d(c_in, c_out, 1, stride, bias=False)
+
+    def forward(self, x):
+        o = self.act1(self.bn1(x))
+        y = self.conv1(o)
+        y = self.act2(self.bn2(y))
+        if self.dropout > 0:
+            y = F.dropout(y, p=self.dropout, training=self.training)
+        y = self.conv2(y)
+        return y + (x if self.equal else self.shortcut(o))
+
+
+class WideResNet(StagedNet):
+    """WRN-depth-widen (WRN-34-10, WRN-28-10, WRN-40-k with dropout 0.2 in the AELF tables).
+    stages[0] is the first conv, stages[1..3] the three groups (the last ends with BN + act)."""
+
+    def __init__(self, num_classes=10, in_channels=3, depth=34, widen_factor=10, dropout=0.0,
+                 act='relu', slope=0.01):
+        super().__init__()
+        if (depth - 4) % 6 != 0:
+            raise ValueError(f"WRN depth must be 6n+4 (e.g. 28, 34, 40), got {depth}")
+        n = (depth - 4) // 6
+        widths = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
+        stages = [nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)]
+        c_in = widths[0]
+        for g, c_out in enumerate(widths[1:]):
+            blocks = [WideBlock(c_in if i == 0 else c_out, c_out, (1 if g == 0 else 2) if i == 0 else 1,
+                                dropout, act, slope) for i in range(n)]
+            if g == 2:
+                blocks += [nn.BatchNorm2d(c_out), make_act(act, slope)]
+            stages.append(nn.Sequential(*blocks))
+            c_in = c_out
+        self.stages = nn.ModuleList(stages)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(c_in, num_classes)
+        self.feature_dim = c_in
+
+
+ARCHITECTURES = {
+    'cnn_b': CNNB,
+    'madry_cnn': MadryCNN,
+    'resnet18': ResNet18,
+    'wrn': WideResNet,
+}
+
+
+def build(name, num_classes, in_channels, **kw):
+    """Build a model by name; the instance keeps ``arch_name`` and ``arch_kwargs`` so a
+    checkpoint can rebuild it exactly (see common.save_checkpoint / common.load_model)."""
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown model {name!r} (choose from {', '.join(ARCHITECTURES)})")
+    model = ARCHITECTURES[name](num_classes=num_classes, in_channels=in_channels, **kw)
+    model.arch_name = name
+    model.arch_kwargs = dict(num_classes=num_classes, in_channels=in_channels, **kw)
+    return model

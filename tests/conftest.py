@@ -1,0 +1,117 @@
+"""Shared test fixtures: small synthetic datasets written in torchvision's on-disk formats (so
+the real loading code in common.py runs), helpers to run the scripts as a user would, and the
+path of the real MNIST copy beside the repository (tests that need it skip when it is absent)."""
+import json
+import os
+import pickle
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL_DATA = ROOT.parent / 'shared' / 'data'
+HAS_REAL_MNIST = (REAL_DATA / 'MNIST' / 'raw' / 'train-images-idx3-ubyte').is_file()
+sys.path.insert(0, str(ROOT))
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def synthetic_images(n, side, channels, num_classes, seed):
+    """Images with a class-dependent bright square on noise, so a tiny model can learn them."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, num_classes, n)
+    x = rng.integers(0, 60, (n, side, side, channels)).astype(np.uint8)
+    cells = int(np.ceil(np.sqrt(num_classes)))
+    size = side // cells
+    for i, label in enumerate(y):
+        r, c = divmod(int(label), cells)
+        x[i, r * size:(r + 1) * size, c * size:(c + 1) * size, :] = 220
+    return x, y
+
+
+def write_idx(path, array):
+    """Write an idx file (the MNIST format): magic with dtype 0x08 (uint8) and rank, then dims."""
+    with open(path, 'wb') as f:
+        f.write(struct.pack('>BBBB', 0, 0, 0x08, array.ndim))
+        f.write(struct.pack('>' + 'I' * array.ndim, *array.shape))
+        f.write(array.astype(np.uint8).tobytes())
+
+
+def write_mnist(root, n_train=256, n_test=128):
+    raw = Path(root) / 'MNIST' / 'raw'
+    raw.mkdir(parents=True, exist_ok=True)
+    for split, n, seed in (('train', n_train, 1), ('t10k', n_test, 2)):
+        x, y = synthetic_images(n, 28, 1, 10, seed)
+        write_idx(raw / f'{split}-images-idx3-ubyte', x[..., 0])
+        write_idx(raw / f'{split}-labels-idx1-ubyte', y)
+
+
+def write_cifar(root, num_classes, n_per_batch=64, n_test=64):
+    """CIFAR-10 (cifar-10-batches-py/) or CIFAR-100 (cifar-100-python/) python pickles."""
+    def dump(path, x, y, label_key):
+        entry = {'data': x.transpose(0, 3, 1, 2).reshape(len(x), -1), label_key: [int(v) for v in y],
+                 'batch_label': 'synthetic', 'filenames': [f'{i}.png' for i in range(len(x))]}
+        with open(path, 'wb') as f:
+            pickle.dump(entry, f)
+    if num_classes == 10:
+        base = Path(root) / 'cifar-10-batches-py'
+        base.mkdir(parents=True, exist_ok=True)
+        for b in range(1, 6):
+            dump(base / f'data_batch_{b}', *synthetic_images(n_per_batch, 32, 3, 10, 10 + b), 'labels')
+        dump(base / 'test_batch', *synthetic_images(n_test, 32, 3, 10, 20), 'labels')
+        with open(base / 'batches.meta', 'wb') as f:
+            pickle.dump({'label_names': [f'c{i}' for i in range(10)]}, f)
+    else:
+        base = Path(root) / 'cifar-100-python'
+        base.mkdir(parents=True, exist_ok=True)
+        dump(base / 'train', *synthetic_images(5 * n_per_batch, 32, 3, 100, 30), 'fine_labels')
+        dump(base / 'test', *synthetic_images(n_test, 32, 3, 100, 31), 'fine_labels')
+        with open(base / 'meta', 'wb') as f:
+            pickle.dump({'fine_label_names': [f'c{i}' for i in range(100)]}, f)
+
+
+@pytest.fixture(scope='session')
+def data_dir(tmp_path_factory):
+    """A folder holding synthetic MNIST, CIFAR-10 and CIFAR-100 in torchvision's layout."""
+    root = tmp_path_factory.mktemp('data')
+    write_mnist(root)
+    write_cifar(root, 10)
+    write_cifar(root, 100)
+    return root
+
+
+# A proxy on a closed local port: torchvision's download fails at once, as it would offline.
+OFFLINE_ENV = {'http_proxy': 'http://127.0.0.1:9', 'https_proxy': 'http://127.0.0.1:9',
+               'HTTP_PROXY': 'http://127.0.0.1:9', 'HTTPS_PROXY': 'http://127.0.0.1:9',
+               'no_proxy': '', 'NO_PROXY': ''}
+
+
+def run_script(script, *args, cwd=None, timeout=600, env=None):
+    """Run a script of the repo as a user would; returns the CompletedProcess."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='2', **OFFLINE_ENV)
+    full_env.update(env or {})
+    cmd = [sys.executable, str(ROOT / script), *map(str, args)]
+    return subprocess.run(cmd, cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=full_env)
+
+
+def run_ok(script, *args, **kw):
+    proc = run_script(script, *args, **kw)
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def read_log(out):
+    with open(Path(out) / 'log.jsonl') as f:
+        return [json.loads(line) for line in f]
+
+
+# Quick flags: a narrow cnn_b, a couple of PGD steps, tiny subsets.
+QUICK = ['--width', '0.125', '--steps', '2', '--step-size', '0.1', '--epochs', '1',
+         '--batch-size', '32', '--train-size', '64', '--test-size', '32', '--eval-size', '16',
+         '--device', 'cpu']

@@ -1,0 +1,95 @@
+import argparse
+import os
+
+import pytest
+import torch
+
+import common
+import models
+
+
+@pytest.mark.parametrize('name,side,channels,classes', [
+    ('mnist', 28, 1, 10), ('cifar10', 32, 3, 10), ('cifar100', 32, 3, 100)])
+def test_load_split_reads_torchvision_layout(data_dir, name, side, channels, classes):
+    train = common.load_split(name, str(data_dir), True)
+    test = common.load_split(name, str(data_dir), False, size=10)
+    assert train.x.dtype == torch.uint8 and train.x.shape[1:] == (channels, side, side)
+    assert len(test) == 10 and test.y.dtype == torch.long
+    assert int(train.y.max()) < classes
+    assert train.x.max() > 200          # the bright class square is there: pixels not rescaled
+
+
+def test_mnist_resized_to_32(data_dir):
+    s = common.load_split('mnist', str(data_dir), False, image_size=32, size=4)
+    assert s.x.shape == (4, 1, 32, 32) and s.x.dtype == torch.uint8
+
+
+def test_batches_cover_split_in_seeded_order(data_dir):
+    split = common.load_split('mnist', str(data_dir), True, size=100)
+    torch.manual_seed(3)
+    ys = torch.cat([y for _, y in common.batches(split, 32, shuffle=True)])
+    assert sorted(ys.tolist()) == sorted(split.y.tolist()) and not torch.equal(ys, split.y)
+    torch.manual_seed(3)
+    ys2 = torch.cat([y for _, y in common.batches(split, 32, shuffle=True)])
+    assert torch.equal(ys, ys2)
+    x, _ = next(common.batches(split, 32))
+    assert x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+    assert torch.equal(x, split.x[:32].float() / 255)
+
+
+def test_augment_crops_with_zero_padding_and_flips():
+    x = torch.rand(64, 3, 8, 8) + 1.0           # strictly positive: padding zeros are visible
+    torch.manual_seed(0)
+    out = common.augment(x, padding=2)
+    assert out.shape == x.shape
+    zero_rows = (out == 0).all(dim=(1, 3)).any(dim=1)   # some images were shifted
+    assert zero_rows.any()
+    # every crop is a window of the padded, possibly flipped, image
+    xp = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for i in range(8):
+        ok = any(torch.equal(out[i], cand[:, dy:dy + 8, dx:dx + 8])
+                 for cand in (xp[i], xp[i].flip(2)) for dy in range(5) for dx in range(5))
+        assert ok
+    same = common.augment(x, padding=0)
+    flipped = [torch.equal(same[i], x[i].flip(2)) for i in range(64)]
+    assert 10 < sum(flipped) < 54 and all(f or torch.equal(same[i], x[i]) for i, f in enumerate(flipped))
+
+
+def test_lr_schedule():
+    lrs = [common.lr_at(e, 0.1, [20, 40]) for e in range(50)]
+    assert lrs[0] == lrs[19] == 0.1
+    assert abs(lrs[20] - 0.01) < 1e-12 and abs(lrs[39] - 0.01) < 1e-12
+    assert abs(lrs[40] - 0.001) < 1e-12
+
+
+def test_checkpoint_roundtrip_and_errors(tmp_path):
+    model = models.build('cnn_b', 10, 1, width=0.125)
+    args = argparse.Namespace(dataset='mnist', eps=0.3)
+    path = str(tmp_path / 'a.pt')
+    common.save_checkpoint(path, model, args, 3, {'x': 1}, {'test_adv': 50.0})
+    assert not [p for p in os.listdir(tmp_path) if 'tmp' in p]
+    ckpt = common.load_checkpoint(path)
+    assert ckpt['epoch'] == 3 and ckpt['args']['eps'] == 0.3 and ckpt['model'] == 'cnn_b'
+    rebuilt = common.model_from_checkpoint(ckpt)
+    assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), model.state_dict().values()))
+    other = models.build('cnn_b', 10, 1, width=0.25)
+    with pytest.raises(common.UserError, match='holds cnn_b'):
+        common.load_weights_into(other, path)
+    (tmp_path / 'bad.pt').write_bytes(b'not a checkpoint')
+    with pytest.raises(common.UserError, match='not readable'):
+        common.load_checkpoint(str(tmp_path / 'bad.pt'))
+    torch.save({'some': 'dict'}, tmp_path / 'foreign.pt')
+    with pytest.raises(common.UserError, match='not a checkpoint of this repo'):
+        common.load_checkpoint(str(tmp_path / 'foreign.pt'))
+
+
+def test_accuracy_in_eval_mode_and_restores_mode():
+    model = models.build('cnn_b', 10, 1, width=0.125)
+    split = common.Split((torch.rand(20, 1, 32, 32) * 255).byte(), torch.randint(0, 10, (20,)))
+    model.train()
+    acc = common.accuracy(model, split, batch_size=7)
+    assert model.training and 0 <= acc <= 100
+    with torch.no_grad():
+        model.eval()
+        expected = (model(split.x.float() / 255).argmax(1) == split.y).float().mean().item() * 100
+    assert abs(acc - expected) < 1e-4

@@ -1,0 +1,58 @@
+import pytest
+import torch
+
+import models
+
+
+def n_params(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+@pytest.mark.parametrize('name,kw,shape,dim', [
+    ('cnn_b', {}, (2, 1, 32, 32), 512),
+    ('cnn_b', {'width': 0.25, 'act': 'relu'}, (2, 3, 32, 32), 128),
+    ('madry_cnn', {}, (2, 1, 28, 28), 1024),
+    ('resnet18', {'width': 0.125}, (2, 3, 32, 32), 64),
+    ('wrn', {'depth': 10, 'widen_factor': 1, 'dropout': 0.2, 'act': 'leakyrelu'}, (2, 3, 32, 32), 64),
+])
+def test_forward_is_fc_of_features(name, kw, shape, dim):
+    torch.manual_seed(0)
+    model = models.build(name, 10, shape[1], **kw).eval()
+    x = torch.rand(shape)
+    f = model.features(x)
+    assert f.shape == (2, dim)
+    assert model.fc.in_features == dim
+    assert torch.allclose(model(x), model.fc(f), atol=1e-6)
+    assert model(x).shape == (2, 10)
+
+
+def test_cnn_b_matches_aelf_table_1():
+    m = models.build('cnn_b', 10, 1)
+    convs = [mod for mod in m.modules() if isinstance(mod, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [64, 64, 128, 256, 512]
+    assert all(c.kernel_size == (3, 3) for c in convs)
+    assert sum(isinstance(mod, torch.nn.BatchNorm2d) for mod in m.modules()) == 5
+    assert sum(isinstance(mod, torch.nn.LeakyReLU) for mod in m.modules()) == 5
+    pools = [mod.kernel_size for mod in m.modules() if isinstance(mod, torch.nn.AvgPool2d)]
+    assert pools == [2, 2, 2, 4]
+    # 32x32 input: after the three 2x2 pools the map is 4x4, the 4x4 pool leaves 1x1
+    assert m.feature_maps(torch.rand(1, 1, 32, 32)).shape == (1, 512, 1, 1)
+    assert (m.fc.in_features, m.fc.out_features) == (512, 10)
+    conv_weights = 9 * (1 * 64 + 64 * 64 + 64 * 128 + 128 * 256 + 256 * 512)
+    assert n_params(m) == conv_weights + 2 * (64 + 64 + 128 + 256 + 512) + 512 * 10 + 10
+
+
+def test_parameter_counts_are_the_known_ones():
+    assert n_params(models.build('madry_cnn', 10, 1)) == 3_274_634
+    assert abs(n_params(models.build('resnet18', 10, 3)) - 11.17e6) < 0.01e6
+    assert abs(n_params(models.build('wrn', 10, 3, depth=34, widen_factor=10)) - 46.16e6) < 0.01e6
+    assert abs(n_params(models.build('wrn', 10, 3, depth=28, widen_factor=10)) - 36.48e6) < 0.01e6
+
+
+def test_build_records_how_to_rebuild():
+    m = models.build('cnn_b', 10, 1, width=0.5, act='relu')
+    assert m.arch_name == 'cnn_b'
+    m2 = models.build(m.arch_name, **m.arch_kwargs)
+    m2.load_state_dict(m.state_dict())
+    with pytest.raises(ValueError):
+        models.build('vgg', 10, 3)

@@ -1,0 +1,100 @@
+"""End-to-end runs of train_at.py and eval.py on synthetic data, and the one-line errors."""
+import json
+
+import torch
+
+import common
+from conftest import QUICK, read_log, run_ok, run_script
+
+
+def test_at_and_st_write_run_folder_and_eval_reads_it(data_dir, tmp_path):
+    out_at, out_st = tmp_path / 'at', tmp_path / 'st'
+    proc = run_ok('train_at.py', '--data-dir', data_dir, '--out', out_at, *QUICK)
+    assert 'img/s' in proc.stdout and 'ETA' in proc.stdout
+    run_ok('train_at.py', '--standard', '--data-dir', data_dir, '--out', out_st, *QUICK)
+    for out in (out_at, out_st):
+        assert {'last.pt', 'best.pt', 'log.jsonl', 'final.json'} <= {p.name for p in out.iterdir()}
+        (rec,) = read_log(out)
+        for key in ('epoch', 'lr', 'train_loss', 'train_acc', 'test_nat', 'test_adv', 'seconds',
+                    'images_per_s'):
+            assert key in rec
+        assert rec['test_images'] == 32        # the last epoch tests the whole test split
+    ckpt = common.load_checkpoint(str(out_at / 'last.pt'))
+    assert ckpt['finished'] and ckpt['epoch'] == 1 and ckpt['script'] == 'at'
+    assert ckpt['args']['steps'] == 2 and ckpt['args']['eps'] == 0.3   # protocol eps kept
+    js = tmp_path / 'eval.json'
+    proc = run_ok('eval.py', '--ckpt', out_at / 'last.pt', out_st / 'best.pt', '--data-dir', data_dir,
+                  '--test-size', '16', '--json', js, '--device', 'cpu')
+    rows_printed = [l for l in proc.stdout.splitlines() if l.startswith('| ') and '.pt' in l]
+    assert len(rows_printed) == 2 and 'PGD-20' in proc.stdout
+    rows = json.loads(js.read_text())['rows']
+    assert len(rows) == 2 and all(r['test_images'] == 16 for r in rows)
+    for r in rows:
+        assert r['pgd20_acc'] <= r['natural_acc'] + 1e-6
+
+
+def test_resume_equals_uninterrupted_run(data_dir, tmp_path):
+    base = [*QUICK[:-8], '--batch-size', '32', '--train-size', '64', '--test-size', '16',
+            '--device', 'cpu', '--data-dir', data_dir]
+    run_ok('train_at.py', *base, '--epochs', '2', '--out', tmp_path / 'full')
+    run_ok('train_at.py', *base, '--epochs', '1', '--out', tmp_path / 'part')
+    proc = run_ok('train_at.py', *base, '--epochs', '2', '--out', tmp_path / 'part', '--resume')
+    assert 'resuming' in proc.stdout
+    a = common.load_checkpoint(str(tmp_path / 'full' / 'last.pt'))['state_dict']
+    b = common.load_checkpoint(str(tmp_path / 'part' / 'last.pt'))['state_dict']
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len(read_log(tmp_path / 'part')) == 2
+
+
+def test_finished_run_is_never_silently_overwritten(data_dir, tmp_path):
+    args = ['--data-dir', data_dir, '--out', tmp_path / 'r', *QUICK]
+    run_ok('train_at.py', *args)
+    before = (tmp_path / 'r' / 'last.pt').read_bytes()
+    proc = run_script('train_at.py', *args)
+    assert proc.returncode != 0 and 'finished run' in proc.stderr and '--overwrite' in proc.stderr
+    assert (tmp_path / 'r' / 'last.pt').read_bytes() == before
+    run_ok('train_at.py', *args, '--overwrite')
+    assert len(read_log(tmp_path / 'r')) == 1
+
+
+def one_line_error(proc):
+    assert proc.returncode != 0
+    assert 'Traceback' not in proc.stderr, proc.stderr
+    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    return lines[-1]
+
+
+def test_bad_flags_give_one_line(data_dir, tmp_path):
+    common_args = ['--data-dir', data_dir, '--out', tmp_path / 'x', '--device', 'cpu']
+    assert 'invalid choice' in one_line_error(run_script('train_at.py', '--dataset', 'svhn', *common_args))
+    assert 'invalid choice' in one_line_error(run_script('train_at.py', '--model', 'vgg', *common_args))
+    assert '--epochs' in one_line_error(run_script('train_at.py', '--epochs', '0', *common_args))
+    assert 'multiple of 8' in one_line_error(run_script('train_at.py', '--image-size', '28', *common_args))
+
+
+def test_missing_data_offline_names_folder_and_files(tmp_path):
+    empty = tmp_path / 'nodata'
+    line = one_line_error(run_script('train_at.py', '--data-dir', empty, '--out', tmp_path / 'o',
+                                     *QUICK))
+    assert str(empty) in line and 'train-images-idx3-ubyte' in line and 'by hand' in line
+    line = one_line_error(run_script('train_at.py', '--dataset', 'cifar10', '--data-dir', empty,
+                                     '--out', tmp_path / 'o2', *QUICK))
+    assert 'cifar-10-batches-py/data_batch_1' in line
+
+
+def test_corrupt_or_foreign_checkpoints_give_one_line(data_dir, tmp_path):
+    bad = tmp_path / 'bad.pt'
+    bad.write_bytes(b'\x00garbage')
+    assert 'not readable' in one_line_error(run_script('eval.py', '--ckpt', bad))
+    assert 'does not exist' in one_line_error(run_script('eval.py', '--ckpt', tmp_path / 'none.pt'))
+    # a checkpoint whose weights belong to another model
+    run_ok('train_at.py', '--data-dir', data_dir, '--out', tmp_path / 'r', *QUICK)
+    ckpt = torch.load(tmp_path / 'r' / 'last.pt', weights_only=True)
+    ckpt['model_kwargs']['width'] = 0.25
+    torch.save(ckpt, tmp_path / 'mixed.pt')
+    assert 'cannot rebuild' in one_line_error(run_script('eval.py', '--ckpt', tmp_path / 'mixed.pt',
+                                                         '--data-dir', data_dir))
+    # resuming a folder with the flags of another model
+    line = one_line_error(run_script('train_at.py', '--data-dir', data_dir, '--out', tmp_path / 'r',
+                                     *QUICK[2:], '--width', '0.25', '--resume', '--epochs', '2'))
+    assert 'resume with the flags' in line

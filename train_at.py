@@ -1,0 +1,110 @@
+"""AT (adversarial training, Madry et al. 2018; AELF Eq. (3)) and ST (standard training, Eq. (1)).
+
+    AT:  min_theta E[ max_{||delta||_inf <= eps} CE(M_theta(x + delta), y) ]     # Eq. (3)
+    ST:  min_theta E[ CE(M_theta(x), y) ]                                         # Eq. (1), --standard
+
+The inner maximisation is l-inf PGD(eps, steps, step_size) without random start, run with the
+model in eval mode (AELF Appendix C); every clean input of the batch is replaced by its PGD
+example. Defaults are the AELF paper's protocol for the chosen dataset (Appendix C):
+
+    MNIST     cnn_b, 32x32, 50 epochs, lr 0.1 (x0.1 after epochs 20, 40), PGD(0.3, 16, 0.02)
+    CIFAR-10  cnn_b, crop (pad 2) + flip, 160 epochs (ST 100), PGD(0.031, 5, 0.01), wd 2e-4
+    CIFAR-100 wrn-28-10, PGD(0.03, 7, 0.0075)
+
+batch 128, SGD momentum 0.9, weight decay 5e-4, seed 8. The ST model of this script is the
+initialisation AELFs and JT* start from (``--init runs/st-.../last.pt``).
+
+    python train_at.py --dataset mnist              # AT, the paper protocol
+    python train_at.py --dataset mnist --standard   # ST
+
+The script is the template every train_*.py follows: flags, data on the device, one training
+loop written out top to bottom, a per-epoch test on --eval-size test images with the training
+PGD, the whole test set after the last epoch, and a run folder (last.pt, best.pt, log.jsonl).
+"""
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+import common
+from attacks import pgd
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    common.add_common_args(parser)
+    parser.add_argument('--standard', action='store_true', help='ST: train on clean inputs only')
+    args = parser.parse_args(argv)
+    protocol = common.aelf_protocol(args.dataset, args.model, standard=args.standard)
+    return common.finish_args(parser, args, protocol)
+
+
+@common.main_guard
+def main(argv=None):
+    args = parse_args(argv)
+    device = common.get_device(args.device)
+    common.seed_everything(args.seed)
+    model = common.prepare_model(common.build_model(args), device)
+    run = common.Run(args, 'st' if args.standard else 'at')
+    train_set, test_set = common.load_data(args, device)
+    eval_set = test_set.head(args.eval_size)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    run.resume(model, optimizer.load_state_dict)
+
+    def attack(m, x, y):  # the training PGD, also used for the per-epoch test
+        return pgd(m, x, y, args.eps, args.steps, args.step_size, args.random_start)
+
+    print(f"{'ST' if args.standard else 'AT'} on {args.dataset} ({len(train_set)} train, "
+          f"{len(test_set)} test), {common.describe(model.arch_name, model.arch_kwargs)}, "
+          f"{'no attack' if args.standard else common.attack_summary(args)}, {device}", flush=True)
+    channels_last = device.type == 'cuda'
+    steps_per_epoch = -(-len(train_set) // args.batch_size)
+    metrics = {}
+    for epoch in range(run.start_epoch, args.epochs):
+        common.seed_epoch(args.seed, epoch)
+        lr = common.lr_at(epoch, args.lr, args.milestones)
+        common.set_lr(optimizer, lr)
+        model.train()
+        progress = common.Progress(steps_per_epoch)
+        loss_sum, n_correct, seen = 0.0, 0, 0
+        t0 = time.time()
+        for step, (x, y) in enumerate(common.batches(train_set, args.batch_size, shuffle=True,
+                                                     padding=args.padding,
+                                                     channels_last=channels_last)):
+            with common.autocast(device, args.amp):
+                # Eq. (3), inner max: PGD in eval mode (restored to train mode by pgd)
+                x_in = x if args.standard else attack(model, x, y)
+                logits = model(x_in)
+                loss = F.cross_entropy(logits.float(), y)    # Eq. (3) / Eq. (1)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_value = loss.item()
+            common.check_finite(loss_value, epoch, step)
+            loss_sum += loss_value * len(y)
+            n_correct += (logits.argmax(1) == y).sum().item()
+            seen += len(y)
+            progress.step(step + 1, seen, loss_value)
+        seconds = time.time() - t0
+
+        final = epoch + 1 == args.epochs
+        test_on = test_set if final else eval_set          # the whole test set after the last epoch
+        metrics = {'test_nat': common.accuracy(model, test_on, amp=args.amp),
+                   'test_adv': common.accuracy(model, test_on, attack, amp=args.amp)}
+        record = {'epoch': epoch + 1, 'lr': lr, 'train_loss': loss_sum / seen,
+                  'train_acc': 100.0 * n_correct / seen, **metrics, 'test_images': len(test_on),
+                  'seconds': seconds, 'images_per_s': seen / seconds}
+        run.log_epoch(record, args.epochs)
+        run.save(model, epoch + 1, optimizer.state_dict(), metrics, finished=final,
+                 score=metrics['test_nat'] if args.standard else metrics['test_adv'])
+    if metrics:
+        run.finish(metrics)
+    else:
+        print(f"{run.dir} already holds all {args.epochs} epochs; nothing to do")
+
+
+if __name__ == '__main__':
+    main()
