@@ -115,3 +115,27 @@ def read_log(out):
 QUICK = ['--width', '0.125', '--steps', '2', '--step-size', '0.1', '--epochs', '1',
          '--batch-size', '32', '--train-size', '64', '--test-size', '32', '--eval-size', '16',
          '--device', 'cpu']
+
+
+# A small real-MNIST protocol for learning tests: narrow cnn_b, 2000 training images, 3 epochs
+# at lr 0.1, PGD(0.3, 8, 0.05) for training and testing, 500 test images.
+REAL_SMALL = ['--data-dir', str(REAL_DATA), '--width', '0.25', '--train-size', '2000',
+              '--test-size', '500', '--eval-size', '500', '--epochs', '3', '--milestones',
+              '--steps', '8', '--step-size', '0.05', '--device', 'cpu']
+
+needs_real_mnist = pytest.mark.skipif(not HAS_REAL_MNIST, reason='real MNIST not in ../shared/data')
+
+
+@pytest.fixture(scope='session')
+def real_st_run(tmp_path_factory):
+    """ST on the small real-MNIST protocol, trained once per session (the AELFs/JT* init too)."""
+    if not HAS_REAL_MNIST:
+        pytest.skip('real MNIST not in ../shared/data')
+    out = tmp_path_factory.mktemp('real') / 'st'
+    run_ok('train_at.py', '--standard', '--out', out, *REAL_SMALL)
+    return out
+
+
+def final_metrics(out):
+    with open(Path(out) / 'final.json') as f:
+        return json.load(f)
