@@ -34,6 +34,9 @@ def parse_args(argv=None):
     p.add_argument('--batch-size', type=int, default=500)
     p.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
     p.add_argument('--eps', type=float, help="attack radius (default: the checkpoint's training eps)")
+    p.add_argument('--pgd', nargs=3, type=float, action='append', metavar=('EPS', 'STEPS', 'STEP'),
+                   help='an extra PGD column without random start, e.g. --pgd 0.031 10 0.005 '
+                        '(AELF Table 3 A*(10)); repeatable')
     p.add_argument('--autoattack', action='store_true', help='also run AutoAttack (standard)')
     p.add_argument('--seed', type=int, default=0, help='seed for random starts and AutoAttack')
     p.add_argument('--json', help='write the numbers to this JSON file as well')
@@ -78,6 +81,9 @@ def evaluate(path, args, device):
         'pgd20': lambda m, x, y: pgd(m, x, y, eps, 20, step20, random_start=True),
         'cw20': lambda m, x, y: pgd(m, x, y, eps, 20, step20, random_start=True, loss='cw'),
     }
+    for p_eps, p_steps, p_step in args.pgd or []:
+        attacks[f"pgd({p_eps:g},{int(p_steps)},{p_step:g})"] = (
+            lambda m, x, y, e=p_eps, n=int(p_steps), s=p_step: pgd(m, x, y, e, n, s))
     row = {'ckpt': path, 'script': ckpt.get('script', ''), 'model': ckpt['model'],
            'dataset': a['dataset'], 'epoch': ckpt.get('epoch'), 'test_images': len(test),
            'eps': eps, 'pgd_train': f"PGD({eps:g}, {train_steps}, {train_step_size:g})"}
@@ -92,12 +98,13 @@ def evaluate(path, args, device):
     return row
 
 
-def markdown(rows, autoattack):
-    head = ['checkpoint', 'natural', 'PGD (train)', 'PGD-20', 'CW-inf'] + (['AA'] if autoattack else [])
+def markdown(rows, autoattack, extra):
+    head = ['checkpoint', 'natural', 'PGD (train)', 'PGD-20', 'CW-inf'] + extra + (['AA'] if autoattack else [])
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for r in rows:
         cells = [f"{r['ckpt']} ({r['pgd_train']}, n={r['test_images']})", f"{r['natural_acc']:.2f}",
                  f"{r['pgd_train_acc']:.2f}", f"{r['pgd20_acc']:.2f}", f"{r['cw20_acc']:.2f}"]
+        cells += [f"{r[name + '_acc']:.2f}" for name in extra]
         if autoattack:
             cells.append(f"{r['autoattack_acc']:.2f}")
         lines.append('| ' + ' | '.join(cells) + ' |')
@@ -109,7 +116,8 @@ def main(argv=None):
     args = parse_args(argv)
     device = common.get_device(args.device)
     rows = [evaluate(path, args, device) for path in args.ckpt]
-    print(markdown(rows, args.autoattack))
+    extra = [f"pgd({e:g},{int(n)},{s:g})" for e, n, s in args.pgd or []]
+    print(markdown(rows, args.autoattack, extra))
     if args.json:
         with open(args.json, 'w') as f:
             json.dump({'rows': rows, 'test_size': args.test_size, 'seed': args.seed}, f, indent=1)

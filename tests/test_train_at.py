@@ -24,13 +24,14 @@ def test_at_and_st_write_run_folder_and_eval_reads_it(data_dir, tmp_path):
     assert ckpt['args']['steps'] == 2 and ckpt['args']['eps'] == 0.3   # protocol eps kept
     js = tmp_path / 'eval.json'
     proc = run_ok('eval.py', '--ckpt', out_at / 'last.pt', out_st / 'best.pt', '--data-dir', data_dir,
-                  '--test-size', '16', '--json', js, '--device', 'cpu')
+                  '--test-size', '16', '--json', js, '--device', 'cpu', '--pgd', '0.1', '3', '0.05')
     rows_printed = [l for l in proc.stdout.splitlines() if l.startswith('| ') and '.pt' in l]
     assert len(rows_printed) == 2 and 'PGD-20' in proc.stdout
     rows = json.loads(js.read_text())['rows']
     assert len(rows) == 2 and all(r['test_images'] == 16 for r in rows)
     for r in rows:
         assert r['pgd20_acc'] <= r['natural_acc'] + 1e-6
+        assert 'pgd(0.1,3,0.05)_acc' in r
 
 
 def test_resume_equals_uninterrupted_run(data_dir, tmp_path):

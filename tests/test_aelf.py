@@ -1,0 +1,187 @@
+"""AELF (Algorithm 1) and AELFs (Algorithm 2, Eq. (10))."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+import models
+import train_aelf
+import train_aelfs
+from conftest import QUICK, REAL_SMALL, final_metrics, needs_real_mnist, read_log, run_ok, run_script
+
+
+def tiny(seed=0, act='leakyrelu'):
+    torch.manual_seed(seed)
+    return models.build('cnn_b', 10, 1, width=0.125, act=act)
+
+
+def batch(n=16, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+# ------------------------------------------------------------------------------- AELFs
+
+def test_aelfs_loss_is_eq_10():
+    model = tiny().train()
+    x, y = batch()
+    x_adv = (x + 0.1).clamp(0, 1)
+    loss, logits = train_aelfs.aelfs_loss(model, x[:8], x_adv[8:], y[:8], y[8:], 0.4, 0.6, 0.5, 0.3)
+    f_all = model.features(torch.cat([x[:8], x_adv[8:]]))        # same BN batch statistics
+    f, f_adv = f_all[:8], f_all[8:]
+    expected = (0.4 * F.cross_entropy(model.fc(f), y[:8]) + 0.6 * F.cross_entropy(model.fc(f_adv), y[8:])
+                + 0.5 * torch.linalg.vector_norm(f, dim=1).mean()
+                + 0.3 * torch.linalg.vector_norm(f_adv, dim=1).mean())
+    assert torch.allclose(loss, expected, atol=1e-5)
+    assert logits.shape == (16, 10)
+    # the beta term really is there: beta = 0 lowers the loss by exactly the norms
+    loss0, _ = train_aelfs.aelfs_loss(model, x[:8], x_adv[8:], y[:8], y[8:], 0.4, 0.6, 0.0, 0.0)
+    norms = 0.5 * f.norm(dim=1).mean() + 0.3 * f_adv.norm(dim=1).mean()
+    assert torch.allclose(loss - loss0, norms, atol=1e-5)
+
+
+def fc_of(path):
+    sd = common.load_checkpoint(str(path))['state_dict']
+    return sd['fc.weight'], sd['fc.bias']
+
+
+def test_aelfs_in_script_st_phase_then_frozen_w(data_dir, tmp_path):
+    out = tmp_path / 'aelfs'
+    proc = run_ok('train_aelfs.py', '--data-dir', data_dir, '--out', out, '--st-epochs', '1',
+                  *QUICK, '--epochs', '2')
+    assert 'ST phase' in proc.stdout and (out / 'st.pt').exists()
+    assert 'test_nat' in proc.stdout.splitlines()[-1] and 'test_adv' in proc.stdout.splitlines()[-1]
+    st_w, st_b = fc_of(out / 'st.pt')
+    for name in ('last.pt', 'best.pt'):
+        w, b = fc_of(out / name)
+        assert torch.equal(w, st_w) and torch.equal(b, st_b)     # bit-identical w
+    # c did change
+    st_sd = common.load_checkpoint(str(out / 'st.pt'))['state_dict']
+    last_sd = common.load_checkpoint(str(out / 'last.pt'))['state_dict']
+    assert not torch.equal(st_sd['stages.0.0.weight'], last_sd['stages.0.0.weight'])
+    assert common.load_checkpoint(str(out / 'last.pt'))['model_kwargs']['act'] == 'leakyrelu'
+    # a second run reuses st.pt (from the folder, and through --init)
+    proc = run_ok('train_aelfs.py', '--data-dir', data_dir, '--out', out, '--overwrite', *QUICK)
+    assert 'ST phase:' in proc.stdout           # --overwrite redoes the ST phase
+    proc = run_ok('train_aelfs.py', '--data-dir', data_dir, '--out', tmp_path / 'again',
+                  '--init', out / 'st.pt', *QUICK)
+    assert 'ST phase' not in proc.stdout
+    w, b = fc_of(tmp_path / 'again' / 'last.pt')
+    assert torch.equal(w, fc_of(out / 'st.pt')[0])
+    run_ok('eval.py', '--ckpt', out / 'last.pt', tmp_path / 'again' / 'best.pt', '--data-dir', data_dir,
+           '--test-size', '16', '--device', 'cpu')
+
+
+def test_aelfs_init_from_st_checkpoint_and_mismatch(data_dir, tmp_path):
+    run_ok('train_at.py', '--standard', '--data-dir', data_dir, '--out', tmp_path / 'st', *QUICK)
+    init = tmp_path / 'st' / 'last.pt'
+    proc = run_ok('train_aelfs.py', '--data-dir', data_dir, '--out', tmp_path / 'a', '--init', init,
+                  *QUICK, '--split', 'full')
+    assert 'ST phase' not in proc.stdout and not (tmp_path / 'a' / 'st.pt').exists()
+    assert torch.equal(fc_of(tmp_path / 'a' / 'last.pt')[0], fc_of(init)[0])
+    assert len(read_log(tmp_path / 'a')) == 1
+    proc = run_script('train_aelfs.py', '--data-dir', data_dir, '--out', tmp_path / 'b', '--init', init,
+                      *QUICK, '--width', '0.25')
+    assert proc.returncode != 0 and 'Traceback' not in proc.stderr
+    assert 'holds cnn_b' in proc.stderr.strip().splitlines()[-1]
+
+
+def test_aelfs_defaults_follow_the_paper():
+    a = train_aelfs.parse_args([])
+    assert (a.model, a.act, a.image_size, a.epochs, a.milestones) == ('cnn_b', 'leakyrelu', 32, 50, [20, 40])
+    assert (a.eps, a.steps, a.step_size, a.random_start) == (0.3, 16, 0.02, False)
+    assert (a.lambda1, a.lambda2, a.beta, a.beta_adv, a.split) == (0.5, 0.5, 0.5, 0.5, 'half')
+    assert (a.st_epochs, a.st_milestones, a.batch_size, a.seed) == (50, [20, 40], 128, 8)
+    c = train_aelfs.parse_args(['--dataset', 'cifar100'])
+    assert (c.model, c.beta, c.st_epochs, c.epochs) == ('wrn', 0.2, 100, 160)
+    assert c.act == 'leakyrelu'
+
+
+# -------------------------------------------------------------------------------- AELF
+
+def sgd_step(p, g, lr, wd):
+    """First SGD step with momentum from a zero buffer: p - lr * (g + wd * p)."""
+    return p - lr * (g + wd * p)
+
+
+def make_opts(model, lr=0.1, wd=5e-4):
+    w = list(model.fc.parameters())
+    c = [p for n, p in model.named_parameters() if not n.startswith('fc.')]
+    kw = dict(lr=lr, momentum=0.9, weight_decay=wd)
+    return torch.optim.SGD(c, **kw), torch.optim.SGD(w, **kw)
+
+
+def test_aelf_step_update_order_and_stop_gradient():
+    model = tiny().train()
+    ref = copy.deepcopy(model)
+    x, y = batch()
+    x_adv = (x + 0.2 * torch.rand_like(x)).clamp(0, 1)
+    fc_inputs = []
+    model.fc.register_forward_hook(lambda m, inp, out: fc_inputs.append(inp[0].shape[0]))
+    opt_c, opt_w = make_opts(model)
+    lam = 2.0
+    train_aelf.aelf_step(model, opt_c, opt_w, x, x_adv, y, lam, 'l2')
+    assert fc_inputs == [16]          # w sees the clean batch only, never x'
+
+    # expected, by hand on a copy: w moves with dL1/dw only (line 6)
+    f = ref.features(x)
+    loss1 = F.cross_entropy(ref.fc(f), y)
+    c_params = [p for n, p in ref.named_parameters() if not n.startswith('fc.')]
+    g_w = torch.autograd.grad(loss1, list(ref.fc.parameters()), retain_graph=True)
+    g1_c = torch.autograd.grad(loss1, c_params, retain_graph=True)
+    for p, g, new in zip(ref.fc.parameters(), g_w, model.fc.parameters()):
+        assert torch.allclose(new, sgd_step(p, g, 0.1, 5e-4), atol=1e-6)
+    # c moves with d(L1 + lam * L2)/dc, the target f detached (line 8-9)
+    f_adv = ref.features(x_adv)
+    loss2 = (f_adv - f.detach()).norm(dim=1).mean()
+    g2_c = torch.autograd.grad(loss2, c_params, retain_graph=True)
+    new_c = [p for n, p in model.named_parameters() if not n.startswith('fc.')]
+    for p, a, b, new in zip(c_params, g1_c, g2_c, new_c):
+        assert torch.allclose(new, sgd_step(p, a + lam * b, 0.1, 5e-4), atol=1e-5)
+    # the L2 term is really in c's gradient: without it the update differs
+    assert any(not torch.allclose(new, sgd_step(p, a, 0.1, 5e-4), atol=1e-5)
+               for p, a, new in zip(c_params, g1_c, new_c))
+    # and a non-detached target would give another update (so the check above can fail)
+    loss2_both = (f_adv - f).norm(dim=1).mean()
+    g2_both = torch.autograd.grad(loss2_both, c_params, retain_graph=True)
+    assert any(not torch.allclose(new, sgd_step(p, a + lam * b, 0.1, 5e-4), atol=1e-5)
+               for p, a, b, new in zip(c_params, g1_c, g2_both, new_c))
+    # the gradient of L2 with respect to f is zero: the target is a constant
+    assert torch.autograd.grad(loss2, f, allow_unused=True)[0] is None
+
+
+@pytest.mark.parametrize('kind', ['l2', 'l1', 'mse'])
+def test_aelf_distances(kind):
+    a, b = torch.randn(4, 6), torch.randn(4, 6)
+    got = train_aelf.embedding_distance(a, b, kind)
+    d = a - b
+    want = {'l2': d.norm(dim=1).mean(), 'l1': d.abs().sum(1).mean(), 'mse': (d ** 2).mean()}[kind]
+    assert torch.allclose(got, want)
+
+
+def test_aelf_end_to_end_and_resume(data_dir, tmp_path):
+    out = tmp_path / 'aelf'
+    run_ok('train_aelf.py', '--data-dir', data_dir, '--out', out, *QUICK, '--distance', 'l1')
+    rec = read_log(out)[0]
+    assert 'train_dist' in rec and rec['test_images'] == 32
+    ckpt = common.load_checkpoint(str(out / 'last.pt'))
+    assert set(ckpt['optimizer']) == {'c', 'w'} and ckpt['script'] == 'aelf'
+    run_ok('train_aelf.py', '--data-dir', data_dir, '--out', out, *QUICK[:-2], '--epochs', '2', '--resume',
+           '--device', 'cpu')
+    assert len(read_log(out)) == 2
+    run_ok('eval.py', '--ckpt', out / 'last.pt', '--data-dir', data_dir, '--test-size', '16')
+
+
+# --------------------------------------------------------------------- real MNIST (small)
+
+@needs_real_mnist
+def test_aelfs_beats_st_robustness_from_its_st_init(real_st_run, tmp_path):
+    # beta 0.05 rather than the paper's 0.5: with this narrow, briefly trained model the
+    # embedding norms are ~6 and beta 0.5 lets ||f|| dominate the loss (App. B.2 warns of this)
+    run_ok('train_aelfs.py', '--out', tmp_path / 'aelfs', '--init', real_st_run / 'last.pt',
+           '--beta', '0.05', *REAL_SMALL)
+    st, aelfs = final_metrics(real_st_run), final_metrics(tmp_path / 'aelfs')
+    assert aelfs['test_adv'] >= st['test_adv'] + 10.0, (aelfs, st)
+    assert torch.equal(fc_of(tmp_path / 'aelfs' / 'last.pt')[0], fc_of(real_st_run / 'last.pt')[0])

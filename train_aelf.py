@@ -1,0 +1,159 @@
+"""AELF: the Attention-Extended Learning Framework (AELF paper, Sec. 3.1, Algorithm 1, Eq. (8)).
+
+The model is split x --c--> f --w--> y_hat (``model.features`` is c, ``model.fc`` is w). Per
+mini-batch, in this order (Algorithm 1):
+
+    3: x' = x + delta                     PGD with the training protocol, model in eval mode
+    4: x --c--> f --w--> y_hat
+    5: L1 = CE(y_hat, y)
+    6: w <- w - dL1/dw                    w is updated with the label loss on clean data only
+    7: x' --c--> f'
+    8: L2 = distance(f', stopgrad(f))     the clean embedding is a constant target
+    9: c <- c - d(L1 + lambda * L2)/dc
+
+so w never sees adversarial data, and the fitting is one-way, f' -> f (footnote 4): no gradient
+of L2 reaches f, only f'.
+
+Reading of the paper, where it leaves room:
+- Two SGD optimizers, one over c (everything but ``fc``) and one over w (``fc``), with the
+  same lr, momentum, weight decay and schedule: line 6 and line 9 are then two separate,
+  visible steps. dL1/dc is taken from the same forward pass as dL1/dw (before line 6 changes
+  w), as the algorithm computes L1 once at line 5.
+- x' is made from the whole batch (Algorithm 1 pairs every x with its x').
+- ``--distance``: the paper names ||f - f'||_{1,2}. ``l2`` (default): per-sample l2 norm of
+  f' - f, averaged over the batch; ``l1``: per-sample l1 norm, averaged; ``mse``: mean squared
+  difference over all elements.
+- ``--lam``: the paper gives no value. Default 1.0: the per-sample l2 distance has a unit-norm
+  gradient with respect to f', the same order as the cross-entropy's gradient with respect to
+  the logits, so lambda = 1 weighs the two terms evenly; tune it per data set.
+- Forwards of x and x' are separate (Algorithm 1, lines 4 and 7), so BatchNorm uses each
+  one's batch statistics.
+
+    python train_aelf.py --dataset mnist
+"""
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+import common
+from attacks import pgd
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    common.add_common_args(parser)
+    g = parser.add_argument_group('AELF (Algorithm 1)')
+    g.add_argument('--lam', type=float, default=1.0, help='lambda, weight of L2 in the update of c')
+    g.add_argument('--distance', choices=['l2', 'l1', 'mse'], default='l2',
+                   help="L2 = distance(f', stopgrad(f))")
+    args = parser.parse_args(argv)
+    args = common.finish_args(parser, args, common.aelf_protocol(args.dataset, args.model))
+    if args.lam < 0:
+        parser.error('--lam must be >= 0')
+    return args
+
+
+def embedding_distance(f_adv, f_target, kind):
+    """L2 of Algorithm 1, line 8 (``f_target`` must already be detached)."""
+    diff = f_adv - f_target
+    if kind == 'l2':
+        return diff.norm(p=2, dim=1).mean()
+    if kind == 'l1':
+        return diff.abs().sum(dim=1).mean()
+    return diff.pow(2).mean()
+
+
+def aelf_step(model, opt_c, opt_w, x, x_adv, y, lam, distance, device=None, amp=False):
+    """One iteration of Algorithm 1 (lines 4-9) given x and its x'. Returns (L1, L2, logits)."""
+    device = device or x.device
+    opt_c.zero_grad(set_to_none=True)
+    opt_w.zero_grad(set_to_none=True)
+    with common.autocast(device, amp):
+        f = model.features(x)                                  # line 4: x -c-> f
+        logits = model.fc(f).float()                           #          f -w-> y_hat
+        loss1 = F.cross_entropy(logits, y)                     # line 5: L1
+    loss1.backward()           # dL1/dw into w.grad and dL1/dc into c's .grad (same forward)
+    opt_w.step()                                               # line 6: w <- w - dL1/dw
+    with common.autocast(device, amp):
+        f_adv = model.features(x_adv)                          # line 7: x' -c-> f'
+        target = f.detach()                                    # line 8: f_bar <- f (constant)
+        loss2 = embedding_distance(f_adv.float(), target.float(), distance)
+    (lam * loss2).backward()   # adds lambda dL2/dc to c's .grad; L2 does not involve w
+    opt_c.step()                                               # line 9: c <- c - d(L1+lam L2)/dc
+    return loss1.detach(), loss2.detach(), logits.detach()
+
+
+@common.main_guard
+def main(argv=None):
+    args = parse_args(argv)
+    device = common.get_device(args.device)
+    common.seed_everything(args.seed)
+    model = common.prepare_model(common.build_model(args), device)
+    run = common.Run(args, 'aelf')
+    train_set, test_set = common.load_data(args, device)
+    eval_set = test_set.head(args.eval_size)
+    params_w = list(model.fc.parameters())
+    params_c = [p for name, p in model.named_parameters() if not name.startswith('fc.')]
+    sgd = dict(lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    opt_c, opt_w = torch.optim.SGD(params_c, **sgd), torch.optim.SGD(params_w, **sgd)
+
+    def load_optimizers(state):
+        opt_c.load_state_dict(state['c'])
+        opt_w.load_state_dict(state['w'])
+    run.resume(model, load_optimizers)
+
+    def attack(m, x, y):
+        return pgd(m, x, y, args.eps, args.steps, args.step_size, args.random_start)
+
+    print(f"AELF on {args.dataset} ({len(train_set)} train, {len(test_set)} test), "
+          f"{common.describe(model.arch_name, model.arch_kwargs)}, {common.attack_summary(args)}, "
+          f"lambda {args.lam}, distance {args.distance}, {device}", flush=True)
+    channels_last = device.type == 'cuda'
+    steps_per_epoch = -(-len(train_set) // args.batch_size)
+    metrics = {}
+    for epoch in range(run.start_epoch, args.epochs):
+        common.seed_epoch(args.seed, epoch)
+        lr = common.lr_at(epoch, args.lr, args.milestones)
+        common.set_lr(opt_c, lr)
+        common.set_lr(opt_w, lr)
+        model.train()
+        progress = common.Progress(steps_per_epoch)
+        loss_sum, dist_sum, n_correct, seen = 0.0, 0.0, 0, 0
+        t0 = time.time()
+        for step, (x, y) in enumerate(common.batches(train_set, args.batch_size, shuffle=True,
+                                                     padding=args.padding,
+                                                     channels_last=channels_last)):
+            with common.autocast(device, args.amp):
+                x_adv = attack(model, x, y)                    # line 3 (eval mode inside)
+            loss1, loss2, logits = aelf_step(model, opt_c, opt_w, x, x_adv, y, args.lam,
+                                             args.distance, device, args.amp)   # lines 4-9
+            loss_value = loss1.item() + args.lam * loss2.item()
+            common.check_finite(loss_value, epoch, step)
+            loss_sum += loss1.item() * len(y)
+            dist_sum += loss2.item() * len(y)
+            n_correct += (logits.argmax(1) == y).sum().item()
+            seen += len(y)
+            progress.step(step + 1, seen, loss_value)
+        seconds = time.time() - t0
+
+        final = epoch + 1 == args.epochs
+        test_on = test_set if final else eval_set
+        metrics = {'test_nat': common.accuracy(model, test_on, amp=args.amp),
+                   'test_adv': common.accuracy(model, test_on, attack, amp=args.amp)}
+        record = {'epoch': epoch + 1, 'lr': lr, 'train_loss': loss_sum / seen,
+                  'train_dist': dist_sum / seen, 'train_acc': 100.0 * n_correct / seen, **metrics,
+                  'test_images': len(test_on), 'seconds': seconds, 'images_per_s': seen / seconds}
+        run.log_epoch(record, args.epochs)
+        run.save(model, epoch + 1, {'c': opt_c.state_dict(), 'w': opt_w.state_dict()}, metrics,
+                 score=metrics['test_adv'], finished=final)
+    if metrics:
+        run.finish(metrics)
+    else:
+        print(f"{run.dir} already holds all {args.epochs} epochs; nothing to do")
+
+
+if __name__ == '__main__':
+    main()

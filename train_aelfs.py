@@ -1,0 +1,215 @@
+"""AELFs: the simplified implementation of AELF (AELF paper, Sec. 3.2, Algorithm 2, Eq. (10)).
+
+Algorithm 2:
+    1: initialise c and w with standard training (ST) on the natural set
+    2-6: for each mini-batch: make x' = x + delta (PGD), forward x, x' -> f, f' -> y_hat, y_hat'
+    7: update c only:  c <- c - alpha * d(L_x + lambda L_x') / dc      (w is never updated)
+
+with the loss of Eq. (10):
+
+    lambda1 * CE(w(c(x)), y) + lambda2 * CE(w(c(x')), y) + beta * (||f||_2 + ||f'||_2)
+
+The frozen w was fitted to clean embeddings only, so the label loss on x' pulls f' = c(x')
+towards the region where w reads clean features (Appendix B.1): the one-way fitting f' -> f of
+AELF, with a single softmax loss.
+
+Reading of the paper, where it leaves room:
+- ST phase: ``--init CKPT`` takes a ``train_at.py --standard`` checkpoint of the same model;
+  without it the script runs the ST protocol of the dataset first (``--st-epochs``, MNIST 50
+  epochs with lr x0.1 after 20 and 40; CIFAR 100 epochs, after 40 and 80) and saves it as
+  ``st.pt`` in the run folder, which a later run reuses (or pass it to ``--init``).
+- w frozen: ``fc`` has requires_grad False and is not in the optimizer, so neither the loss
+  nor weight decay ever changes it.
+- Batch (Appendix C, "for different JT ways"): of each batch of 128 the second half (64) is
+  made adversarial and combined with the natural first half (``--split half``, default);
+  ``--split full`` uses the whole batch twice. The combined batch goes through the network in
+  one forward pass (one set of BatchNorm batch statistics).
+- ||f||_2: the per-sample l2 norm of the penultimate embedding, averaged over the batch;
+  ``--beta-adv`` sets a separate beta for f' ("beta can be separately set", Sec. 3.2).
+- beta: 0.5 for CNN_B on MNIST and CIFAR-10 (Sec. 4.1), 0.2 for WRN (Tables 4, 5; App. B.2).
+- LeakyReLU models by default: the paper warns that ReLU units can lock after the ST init.
+
+    python train_aelfs.py --dataset mnist     # ST phase, then AELFs: AELF Table 2's row
+"""
+import argparse
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+import common
+from attacks import pgd
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    common.add_common_args(parser)
+    g = parser.add_argument_group('AELFs (Eq. (10))')
+    g.add_argument('--lambda1', type=float, default=0.5, help='weight of CE on natural inputs')
+    g.add_argument('--lambda2', type=float, default=0.5, help='weight of CE on adversarial inputs')
+    g.add_argument('--beta', type=float, help='weight of ||f||_2 (0.5 for cnn_b, 0.2 for wrn)')
+    g.add_argument('--beta-adv', type=float, help="weight of ||f'||_2 (default: --beta)")
+    g.add_argument('--split', choices=['half', 'full'], default='half',
+                   help='half: 2nd half of the batch adversarial (the paper); full: whole batch twice')
+    g.add_argument('--init', help='ST checkpoint (train_at.py --standard) to start from')
+    g.add_argument('--st-epochs', type=int, help='epochs of the in-script ST phase')
+    g.add_argument('--st-milestones', type=int, nargs='*', help='lr milestones of the ST phase')
+    args = parser.parse_args(argv)
+    if args.act is None:
+        args.act = 'leakyrelu'          # Alg. 2 note: ReLU units can lock after ST init
+    protocol = common.aelf_protocol(args.dataset, args.model)
+    st = common.aelf_protocol(args.dataset, args.model, standard=True)
+    args = common.finish_args(parser, args, protocol)
+    if args.st_epochs is None:
+        args.st_epochs = st['epochs']
+    if args.st_milestones is None:
+        args.st_milestones = st['milestones']
+    if args.beta is None:
+        args.beta = 0.2 if args.model == 'wrn' else 0.5
+    if args.beta_adv is None:
+        args.beta_adv = args.beta
+    if args.st_epochs <= 0:
+        parser.error('--st-epochs must be positive')
+    return args
+
+
+def aelfs_loss(model, x_nat, x_adv, y_nat, y_adv, lambda1, lambda2, beta, beta_adv):
+    """Eq. (10) on one combined batch. Returns (loss, logits of [x_nat; x_adv])."""
+    f_all = model.features(torch.cat([x_nat, x_adv]))        # Alg. 2, line 5: x, x' -c-> f, f'
+    logits = model.fc(f_all).float()                          # frozen w
+    f, f_adv = f_all[:len(x_nat)].float(), f_all[len(x_nat):].float()
+    logit_nat, logit_adv = logits[:len(x_nat)], logits[len(x_nat):]
+    loss = (lambda1 * F.cross_entropy(logit_nat, y_nat)       # lambda1 L(c; x, y)
+            + lambda2 * F.cross_entropy(logit_adv, y_adv)     # lambda2 L(c; x', y)
+            + beta * f.norm(dim=1).mean()                     # beta ||f||_2
+            + beta_adv * f_adv.norm(dim=1).mean())            # beta ||f'||_2
+    return loss, logits
+
+
+def standard_training(model, args, train_set, device, channels_last):
+    """Alg. 2, line 1: ST on the natural set (the ST protocol of the dataset)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    for epoch in range(args.st_epochs):
+        common.seed_epoch(args.seed + 1, epoch)
+        lr = common.lr_at(epoch, args.lr, args.st_milestones)
+        common.set_lr(optimizer, lr)
+        model.train()
+        t0, seen, loss_sum = time.time(), 0, 0.0
+        for step, (x, y) in enumerate(common.batches(train_set, args.batch_size, shuffle=True,
+                                                     padding=args.padding,
+                                                     channels_last=channels_last)):
+            with common.autocast(device, args.amp):
+                loss = F.cross_entropy(model(x).float(), y)   # Eq. (1)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_value = loss.item()
+            common.check_finite(loss_value, epoch, step)
+            loss_sum += loss_value * len(y)
+            seen += len(y)
+        seconds = time.time() - t0
+        print(f"ST phase epoch {epoch + 1}/{args.st_epochs} | lr {lr:.4g} | loss {loss_sum / seen:.4f} | "
+              f"{seconds:.1f}s | {seen / seconds:.0f} img/s", flush=True)
+
+
+@common.main_guard
+def main(argv=None):
+    args = parse_args(argv)
+    device = common.get_device(args.device)
+    common.seed_everything(args.seed)
+    model = common.prepare_model(common.build_model(args), device)
+    run = common.Run(args, 'aelfs')
+    st_path = os.path.join(run.dir, 'st.pt')
+    if args.init:
+        common.load_weights_into(model, args.init)   # one-line error for another model
+    train_set, test_set = common.load_data(args, device)
+    eval_set = test_set.head(args.eval_size)
+    channels_last = device.type == 'cuda'
+
+    def attack(m, x, y):
+        return pgd(m, x, y, args.eps, args.steps, args.step_size, args.random_start)
+
+    # Alg. 2, line 1: c and w from standard training (skipped when resuming AELFs itself)
+    if run.resume_ckpt is None and not args.init:
+        if os.path.exists(st_path) and not args.overwrite:
+            common.load_weights_into(model, st_path)
+            print(f"using the ST phase saved in {st_path}")
+        else:
+            print(f"ST phase: {args.st_epochs} epochs on clean data (saved to {st_path})", flush=True)
+            standard_training(model, args, train_set, device, channels_last)
+            st_metrics = {'test_nat': common.accuracy(model, test_set, amp=args.amp)}
+            common.save_checkpoint(st_path, model, args, args.st_epochs, None, st_metrics,
+                                   finished=True, script='aelfs-st-phase')
+            print(f"ST phase done: test nat {st_metrics['test_nat']:.2f}%", flush=True)
+    # Freeze w: never updated again (Alg. 2 note: "The w is not updated during AELFs")
+    model.fc.requires_grad_(False)
+    params_c = [p for name, p in model.named_parameters() if not name.startswith('fc.')]
+    optimizer = torch.optim.SGD(params_c, lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    run.resume(model, optimizer.load_state_dict)
+    w_start = {k: v.detach().clone() for k, v in model.fc.state_dict().items()}
+
+    print(f"AELFs on {args.dataset} ({len(train_set)} train, {len(test_set)} test), "
+          f"{common.describe(model.arch_name, model.arch_kwargs)}, {common.attack_summary(args)}, "
+          f"lambda {args.lambda1}:{args.lambda2}, beta {args.beta}/{args.beta_adv}, "
+          f"split {args.split}, init {args.init or st_path}, {device}", flush=True)
+    steps_per_epoch = -(-len(train_set) // args.batch_size)
+    metrics = {}
+    for epoch in range(run.start_epoch, args.epochs):
+        common.seed_epoch(args.seed, epoch)
+        lr = common.lr_at(epoch, args.lr, args.milestones)
+        common.set_lr(optimizer, lr)
+        model.train()
+        progress = common.Progress(steps_per_epoch)
+        loss_sum, n_correct, n_predicted, seen = 0.0, 0, 0, 0
+        t0 = time.time()
+        for step, (x, y) in enumerate(common.batches(train_set, args.batch_size, shuffle=True,
+                                                     padding=args.padding,
+                                                     channels_last=channels_last)):
+            with common.autocast(device, args.amp):
+                # Alg. 2, lines 3-4: the second half of the batch becomes adversarial (App. C)
+                if args.split == 'half':
+                    half = len(x) // 2
+                    x_nat, y_nat, x_src, y_adv = x[:half], y[:half], x[half:], y[half:]
+                else:
+                    x_nat, y_nat, x_src, y_adv = x, y, x, y
+                x_adv = attack(model, x_src, y_adv)          # eval mode while attacking
+                # Alg. 2, lines 5-6 and Eq. (10)
+                loss, logits = aelfs_loss(model, x_nat, x_adv, y_nat, y_adv, args.lambda1,
+                                          args.lambda2, args.beta, args.beta_adv)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()                                  # Alg. 2, line 7: c only
+            loss_value = loss.item()
+            common.check_finite(loss_value, epoch, step)
+            loss_sum += loss_value * len(y)
+            n_correct += (logits.argmax(1) == torch.cat([y_nat, y_adv])).sum().item()
+            n_predicted += len(logits)
+            seen += len(y)
+            progress.step(step + 1, seen, loss_value)
+        seconds = time.time() - t0
+
+        final = epoch + 1 == args.epochs
+        test_on = test_set if final else eval_set
+        metrics = {'test_nat': common.accuracy(model, test_on, amp=args.amp),
+                   'test_adv': common.accuracy(model, test_on, attack, amp=args.amp)}
+        record = {'epoch': epoch + 1, 'lr': lr, 'train_loss': loss_sum / seen,
+                  'train_acc': 100.0 * n_correct / n_predicted, **metrics,
+                  'test_images': len(test_on), 'seconds': seconds,
+                  'images_per_s': seen / seconds}
+        run.log_epoch(record, args.epochs)
+        run.save(model, epoch + 1, optimizer.state_dict(), metrics, score=metrics['test_adv'],
+                 finished=final, init=args.init or st_path)
+    if not all(torch.equal(v, model.fc.state_dict()[k]) for k, v in w_start.items()):
+        raise RuntimeError('w (fc) changed during AELFs: it must stay frozen')   # never expected
+    if metrics:
+        run.finish(metrics)
+    else:
+        print(f"{run.dir} already holds all {args.epochs} epochs; nothing to do")
+
+
+if __name__ == '__main__':
+    main()
