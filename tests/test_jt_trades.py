@@ -1,0 +1,152 @@
+"""JT / JT* (AELF Eq. (4), Table 3) and TRADES (AELF Eq. (5))."""
+import torch
+import torch.nn.functional as F
+
+import common
+import models
+import train_jt
+import train_trades
+from attacks import pgd
+from conftest import QUICK, REAL_SMALL, final_metrics, needs_real_mnist, read_log, run_ok
+
+
+def batch(n=16, seed=1, side=28):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, side, side, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def attack(m, x, y):
+    return pgd(m, x, y, 0.3, 3, 0.1)
+
+
+# ---------------------------------------------------------------------------------- JT
+
+def test_jt_with_lambda2_zero_is_st_on_the_natural_half():
+    torch.manual_seed(0)
+    model = models.build('madry_cnn', 10, 1).train()      # no BatchNorm: halves are independent
+    x, y = batch()
+    x_nat, y_nat, x_adv, y_adv = train_jt.jt_batch(model, x, y, 'half', attack)
+    assert torch.equal(x_nat, x[:8]) and torch.equal(y_adv, y[8:])
+    loss, _ = train_jt.jt_loss(model, x_nat, x_adv, y_nat, y_adv, 1.0, 0.0, 0.0)
+    st_loss = F.cross_entropy(model(x[:8]), y[:8])
+    assert torch.allclose(loss, st_loss, atol=1e-6)
+    g_jt = torch.autograd.grad(loss, list(model.parameters()))
+    g_st = torch.autograd.grad(st_loss, list(model.parameters()))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g_jt, g_st))
+
+
+def test_jt_adversarial_half_is_adversarial():
+    torch.manual_seed(0)
+    model = models.build('cnn_b', 10, 1, width=0.125).train()
+    x, y = batch(side=32)
+    _, _, x_adv, _ = train_jt.jt_batch(model, x, y, 'half', attack)
+    assert x_adv.shape == x[8:].shape and not torch.equal(x_adv, x[8:])
+    assert (x_adv - x[8:]).abs().max() <= 0.3 + 1e-6 and 0 <= x_adv.min() and x_adv.max() <= 1
+    x_nat, _, x_adv_full, _ = train_jt.jt_batch(model, x, y, 'full', attack)
+    assert torch.equal(x_nat, x) and x_adv_full.shape == x.shape
+    assert model.training
+
+
+def test_jt_beta_term_adds_exactly_beta_times_mean_norms():
+    torch.manual_seed(0)
+    model = models.build('cnn_b', 10, 1, width=0.125).train()
+    x, y = batch(side=32)
+    xa = (x + 0.1).clamp(0, 1)
+    l0, _ = train_jt.jt_loss(model, x[:8], xa[8:], y[:8], y[8:], 0.5, 0.5, 0.0)
+    l1, _ = train_jt.jt_loss(model, x[:8], xa[8:], y[:8], y[8:], 0.5, 0.5, 0.7)
+    f = model.features(torch.cat([x[:8], xa[8:]]))
+    expected = 0.7 * (f[:8].norm(dim=1).mean() + f[8:].norm(dim=1).mean())
+    assert torch.allclose(l1 - l0, expected, atol=1e-5)
+
+
+def params_of(path):
+    sd = common.load_checkpoint(str(path))['state_dict']
+    return {k: v for k, v in sd.items() if k.endswith('weight') or k.endswith('bias')}
+
+
+def test_jt_end_to_end_and_jtstar_init(data_dir, tmp_path):
+    run_ok('train_jt.py', '--data-dir', data_dir, '--out', tmp_path / 'jt', *QUICK, '--split', 'full')
+    assert len(read_log(tmp_path / 'jt')) == 1
+    run_ok('train_at.py', '--standard', '--data-dir', data_dir, '--out', tmp_path / 'st', *QUICK)
+    init = tmp_path / 'st' / 'last.pt'
+    # JT* with a vanishing lr: the weights it ends with are the ST checkpoint's
+    run_ok('train_jt.py', '--data-dir', data_dir, '--out', tmp_path / 'jts0', '--init', init,
+           '--beta', '0.5', *QUICK, '--lr', '1e-30')
+    st, jts0 = params_of(init), params_of(tmp_path / 'jts0' / 'last.pt')
+    assert all(torch.equal(st[k], jts0[k]) for k in st)
+    fresh = params_of(tmp_path / 'jt' / 'last.pt')
+    assert not all(torch.equal(st[k], fresh[k]) for k in st)
+    # JT* updates every parameter, w included (unlike AELFs)
+    run_ok('train_jt.py', '--data-dir', data_dir, '--out', tmp_path / 'jts', '--init', init,
+           '--beta', '0.5', *QUICK)
+    jts = params_of(tmp_path / 'jts' / 'last.pt')
+    assert not torch.equal(jts['fc.weight'], st['fc.weight'])
+    ckpt = common.load_checkpoint(str(tmp_path / 'jts' / 'last.pt'))
+    assert ckpt['script'] == 'jtstar' and ckpt['init'] == str(init)
+    run_ok('eval.py', '--ckpt', tmp_path / 'jts' / 'last.pt', tmp_path / 'jt' / 'best.pt',
+           '--data-dir', data_dir, '--test-size', '16')
+
+
+# ------------------------------------------------------------------------------ TRADES
+
+def tiny_trained():
+    from test_attacks import trained_model
+    return trained_model()
+
+
+def test_trades_kl_is_zero_when_x_adv_is_x():
+    model, x, y = tiny_trained()
+    model.train()
+    loss, logits = train_trades.trades_loss(model, x, x, y, beta=6.0)
+    assert torch.allclose(loss, F.cross_entropy(model(x), y), atol=1e-6)
+
+
+def test_trades_attack_increases_kl_and_stays_in_ball():
+    model, x, y = tiny_trained()
+    model.eval()
+    torch.manual_seed(0)
+    x_adv = train_trades.trades_attack(model, x, y, 0.1, 10, 0.02, 0.001)
+    assert (x_adv - x).abs().max() <= 0.1 + 1e-6
+    with torch.no_grad():
+        clean = model(x)
+        kl_start = train_trades.kl_clean_adv(clean, model((x + 0.001 * torch.randn_like(x)).clamp(0, 1)))
+        kl_adv = train_trades.kl_clean_adv(clean, model(x_adv))
+    assert kl_adv > 10 * kl_start and kl_adv > 0.05
+
+
+def test_trades_loss_matches_direct_computation():
+    model, x, y = tiny_trained()
+    model.train()
+    x_adv = (x + 0.05 * torch.sign(torch.randn_like(x))).clamp(0, 1)
+    loss, _ = train_trades.trades_loss(model, x, x_adv, y, beta=3.0)
+    p, q = F.softmax(model(x), 1), F.softmax(model(x_adv), 1)
+    kl = (p * (p.log() - q.log())).sum(1).mean()
+    assert torch.allclose(loss, F.cross_entropy(model(x), y) + 3.0 * kl, atol=1e-5)
+    # gradients flow through the clean side of the KL too (as in the reference code)
+    model.zero_grad()
+    logits_clean = model(x)
+    kl_only = train_trades.kl_clean_adv(logits_clean, model(x_adv).detach())
+    (g,) = torch.autograd.grad(kl_only, logits_clean)
+    assert g.abs().sum() > 0
+
+
+def test_trades_defaults_and_end_to_end(data_dir, tmp_path):
+    assert train_trades.parse_args([]).beta == 1.0
+    assert train_trades.parse_args(['--dataset', 'cifar10']).beta == 6.0
+    a = train_trades.parse_args([])
+    assert (a.eps, a.steps, a.step_size) == (0.3, 16, 0.02)
+    run_ok('train_trades.py', '--data-dir', data_dir, '--out', tmp_path / 't', *QUICK)
+    assert {'last.pt', 'best.pt', 'log.jsonl'} <= {p.name for p in (tmp_path / 't').iterdir()}
+    run_ok('eval.py', '--ckpt', tmp_path / 't' / 'last.pt', '--data-dir', data_dir, '--test-size', '16')
+
+
+# ------------------------------------------------------------------ real MNIST (small)
+
+@needs_real_mnist
+def test_jt_and_trades_beat_st_robustness(real_st_run, tmp_path):
+    st = final_metrics(real_st_run)
+    for script in ('train_jt.py', 'train_trades.py'):
+        out = tmp_path / script
+        run_ok(script, '--out', out, *REAL_SMALL)
+        m = final_metrics(out)
+        assert m['test_adv'] >= st['test_adv'] + 10.0, (script, m, st)

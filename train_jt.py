@@ -1,0 +1,139 @@
+"""JT: joint training on natural and adversarial inputs (Kurakin et al. 2017; AELF Eq. (4)),
+and JT* (AELF Table 3: "JT with our two actions").
+
+    JT:   lambda1 * CE(M(x), y) + lambda2 * CE(M(x'), y)                       # Eq. (4)
+    JT*:  JT + ST initialisation (--init) + beta * (||f||_2 + ||f'||_2)         # as in Eq. (10)
+
+x' is the training PGD (eval mode while attacking, AELF Appendix C). Unlike AELFs, JT and JT*
+update every parameter, the final layer w included.
+
+Reading of the paper, where it leaves room:
+- Batch (Appendix C, "for different JT ways, the second half inputs (64) are used to generate
+  adversarial data and combined with rest of natural data"): with ``--split half`` (the
+  default, the paper's choice) the first half of each batch of 128 stays natural and the
+  second half is replaced by its PGD example; ``--split full`` uses the whole batch twice,
+  natural and adversarial (2 x 128 images per step). The combined batch goes through the
+  network in one forward pass (shared BatchNorm batch statistics).
+- Eq. (4) writes CE(x) + lambda CE(x'); Table 3 uses ratios lambda1:lambda2 (0.4:0.6,
+  0.5:0.5, 0.6:0.4), which is what ``--lambda1/--lambda2`` give.
+- ||f||_2 is the per-sample l2 norm of the penultimate embedding, averaged over the batch.
+
+    python train_jt.py --dataset mnist                                   # JT 0.5:0.5
+    python train_jt.py --dataset cifar10 --init runs/st-cifar10-cnn_b-s8/last.pt --beta 0.5  # JT*
+"""
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+import common
+from attacks import pgd
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    common.add_common_args(parser)
+    g = parser.add_argument_group('JT (Eq. (4)) and JT*')
+    g.add_argument('--lambda1', type=float, default=0.5, help='weight of CE on natural inputs')
+    g.add_argument('--lambda2', type=float, default=0.5, help='weight of CE on adversarial inputs')
+    g.add_argument('--split', choices=['half', 'full'], default='half',
+                   help='half: 2nd half of the batch adversarial (the paper); full: whole batch twice')
+    g.add_argument('--init', help='JT*: start from this ST checkpoint (train_at.py --standard)')
+    g.add_argument('--beta', type=float, default=0.0, help="JT*: weight of ||f||_2 + ||f'||_2")
+    args = parser.parse_args(argv)
+    return common.finish_args(parser, args, common.aelf_protocol(args.dataset, args.model))
+
+
+def jt_batch(model, x, y, split, attack):
+    """Natural and adversarial parts of a batch (AELF Appendix C). Returns x, y, x', y'."""
+    if split == 'half':
+        half = len(x) // 2
+        return x[:half], y[:half], attack(model, x[half:], y[half:]), y[half:]
+    return x, y, attack(model, x, y), y
+
+
+def jt_loss(model, x_nat, x_adv, y_nat, y_adv, lambda1, lambda2, beta):
+    """Eq. (4) (+ the JT* norm term). Returns (loss, logits of [x_nat; x_adv])."""
+    f_all = model.features(torch.cat([x_nat, x_adv]))      # one forward of the combined batch
+    logits = model.fc(f_all).float()
+    n = len(x_nat)
+    loss = (lambda1 * F.cross_entropy(logits[:n], y_nat)    # lambda1 L(theta; x, y)
+            + lambda2 * F.cross_entropy(logits[n:], y_adv))  # lambda2 L(theta; x', y)
+    if beta:
+        f = f_all.float()
+        loss = loss + beta * (f[:n].norm(dim=1).mean() + f[n:].norm(dim=1).mean())  # JT*
+    return loss, logits
+
+
+@common.main_guard
+def main(argv=None):
+    args = parse_args(argv)
+    device = common.get_device(args.device)
+    common.seed_everything(args.seed)
+    model = common.prepare_model(common.build_model(args), device)
+    run = common.Run(args, 'jtstar' if args.init or args.beta else 'jt')
+    if args.init:
+        common.load_weights_into(model, args.init)          # JT*: ST initialisation
+    train_set, test_set = common.load_data(args, device)
+    eval_set = test_set.head(args.eval_size)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)   # every parameter, w included
+    run.resume(model, optimizer.load_state_dict)
+
+    def attack(m, x, y):
+        return pgd(m, x, y, args.eps, args.steps, args.step_size, args.random_start)
+
+    print(f"JT{'*' if args.init or args.beta else ''} on {args.dataset} ({len(train_set)} train, "
+          f"{len(test_set)} test), {common.describe(model.arch_name, model.arch_kwargs)}, "
+          f"{common.attack_summary(args)}, lambda {args.lambda1}:{args.lambda2}, beta {args.beta}, "
+          f"split {args.split}, init {args.init or 'random'}, {device}", flush=True)
+    channels_last = device.type == 'cuda'
+    steps_per_epoch = -(-len(train_set) // args.batch_size)
+    metrics = {}
+    for epoch in range(run.start_epoch, args.epochs):
+        common.seed_epoch(args.seed, epoch)
+        lr = common.lr_at(epoch, args.lr, args.milestones)
+        common.set_lr(optimizer, lr)
+        model.train()
+        progress = common.Progress(steps_per_epoch)
+        loss_sum, n_correct, n_predicted, seen = 0.0, 0, 0, 0
+        t0 = time.time()
+        for step, (x, y) in enumerate(common.batches(train_set, args.batch_size, shuffle=True,
+                                                     padding=args.padding,
+                                                     channels_last=channels_last)):
+            with common.autocast(device, args.amp):
+                x_nat, y_nat, x_adv, y_adv = jt_batch(model, x, y, args.split, attack)
+                loss, logits = jt_loss(model, x_nat, x_adv, y_nat, y_adv, args.lambda1,
+                                       args.lambda2, args.beta)           # Eq. (4)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_value = loss.item()
+            common.check_finite(loss_value, epoch, step)
+            loss_sum += loss_value * len(y)
+            n_correct += (logits.argmax(1) == torch.cat([y_nat, y_adv])).sum().item()
+            n_predicted += len(logits)
+            seen += len(y)
+            progress.step(step + 1, seen, loss_value)
+        seconds = time.time() - t0
+
+        final = epoch + 1 == args.epochs
+        test_on = test_set if final else eval_set
+        metrics = {'test_nat': common.accuracy(model, test_on, amp=args.amp),
+                   'test_adv': common.accuracy(model, test_on, attack, amp=args.amp)}
+        record = {'epoch': epoch + 1, 'lr': lr, 'train_loss': loss_sum / seen,
+                  'train_acc': 100.0 * n_correct / n_predicted, **metrics,
+                  'test_images': len(test_on), 'seconds': seconds, 'images_per_s': seen / seconds}
+        run.log_epoch(record, args.epochs)
+        run.save(model, epoch + 1, optimizer.state_dict(), metrics, score=metrics['test_adv'],
+                 finished=final, init=args.init)
+    if metrics:
+        run.finish(metrics)
+    else:
+        print(f"{run.dir} already holds all {args.epochs} epochs; nothing to do")
+
+
+if __name__ == '__main__':
+    main()
