@@ -294,6 +294,8 @@ def add_common_args(parser):
     g.add_argument('--depth', type=int, help='WRN depth (34, 28, 40)')
     g.add_argument('--widen-factor', type=int, help='WRN widen factor')
     g.add_argument('--dropout', type=float, default=0.0, help='WRN dropout')
+    g.add_argument('--blocks', type=int, default=5,
+                   help='residual blocks per stage of cifar_resnet / att_resnet')
     g.add_argument('--image-size', type=int, help='input side (MNIST: 32 for cnn_b, 28 otherwise)')
     g.add_argument('--padding', type=int, help='CIFAR random-crop zero padding (default 2)')
     g.add_argument('--train-size', type=int, help='use the first N training images')
@@ -366,6 +368,8 @@ def model_kwargs(args):
     if args.model == 'wrn':
         return dict(depth=args.depth, widen_factor=args.widen_factor, dropout=args.dropout,
                     act=args.act, slope=args.slope)
+    if args.model in ('cifar_resnet', 'att_resnet'):
+        return dict(blocks=args.blocks)
     raise UserError(f"unknown model {args.model!r}")
 
 

@@ -38,6 +38,11 @@ def parse_args(argv=None):
                    help='an extra PGD column without random start, e.g. --pgd 0.031 10 0.005 '
                         '(AELF Table 3 A*(10)); repeatable')
     p.add_argument('--autoattack', action='store_true', help='also run AutoAttack (standard)')
+    p.add_argument('--transfer-from', metavar='SRC.pt',
+                   help='black-box column: PGD examples made on SRC (an independently trained copy)')
+    p.add_argument('--attention-maps', metavar='FILE.png',
+                   help='attention models: inputs and the attention maps of both layers (Fig. 3)')
+    p.add_argument('--n-images', type=int, default=8, help='images shown in pictures')
     p.add_argument('--seed', type=int, default=0, help='seed for random starts and AutoAttack')
     p.add_argument('--json', help='write the numbers to this JSON file as well')
     args = p.parse_args(argv)
@@ -62,28 +67,52 @@ def autoattack_accuracy(model, split, eps, device, seed, batch_size):
     return 100.0 * (preds == split.y).sum().item() / len(split)
 
 
+def training_attack(a, eps_override=None):
+    """(eps, steps, step size, random start) of the PGD a checkpoint was trained with."""
+    eps = a.get('eps', 0.0) if eps_override is None else eps_override
+    steps, step_size = a.get('steps', 0), a.get('step_size', 0.0)
+    if eps_override is not None and a.get('eps'):   # keep the training step/eps ratio
+        step_size = step_size * eps_override / a['eps']
+    return eps, steps, step_size, bool(a.get('random_start'))
+
+
+def load_test_split(ckpt, args, device):
+    a = ckpt['args']
+    return common.load_split(a['dataset'], args.data_dir or a.get('data_dir', './data'), False,
+                             image_size=a.get('image_size'), device=device, size=args.test_size)
+
+
 def evaluate(path, args, device):
+    """One table row: the accuracies of checkpoint ``path`` under each attack."""
     ckpt = common.load_checkpoint(path)
     model = common.model_from_checkpoint(ckpt, device, path)
     model.eval()
     a = ckpt['args']
-    test = common.load_split(a['dataset'], args.data_dir or a.get('data_dir', './data'), False,
-                             image_size=a.get('image_size'), device=device, size=args.test_size)
-    eps = a.get('eps', 0.0) if args.eps is None else args.eps
-    train_steps, train_step_size = a.get('steps', 0), a.get('step_size', 0.0)
-    if args.eps is not None and a.get('eps'):   # keep the training step/eps ratio
-        train_step_size = train_step_size * args.eps / a['eps']
+    test = load_test_split(ckpt, args, device)
+    eps, train_steps, train_step_size, train_rand = training_attack(a, args.eps)
     step20 = 2.5 * eps / 20
+    columns = [('natural', 'natural'), ('PGD (train)', 'pgd_train'), ('PGD-20', 'pgd20'),
+               ('CW-inf', 'cw20')]
     attacks = {
         'natural': None,
-        'pgd_train': lambda m, x, y: pgd(m, x, y, eps, train_steps, train_step_size,
-                                         bool(a.get('random_start'))),
+        'pgd_train': lambda m, x, y: pgd(m, x, y, eps, train_steps, train_step_size, train_rand),
         'pgd20': lambda m, x, y: pgd(m, x, y, eps, 20, step20, random_start=True),
         'cw20': lambda m, x, y: pgd(m, x, y, eps, 20, step20, random_start=True, loss='cw'),
     }
     for p_eps, p_steps, p_step in args.pgd or []:
-        attacks[f"pgd({p_eps:g},{int(p_steps)},{p_step:g})"] = (
-            lambda m, x, y, e=p_eps, n=int(p_steps), s=p_step: pgd(m, x, y, e, n, s))
+        name = f"pgd({p_eps:g},{int(p_steps)},{p_step:g})"
+        columns.append((name, name))
+        attacks[name] = lambda m, x, y, e=p_eps, n=int(p_steps), s=p_step: pgd(m, x, y, e, n, s)
+    if args.transfer_from:
+        # black box (AT-att-id Tables 1-2): PGD examples made on an independently trained copy
+        src_ckpt = common.load_checkpoint(args.transfer_from)
+        if (src_ckpt['args']['dataset'], src_ckpt['args'].get('image_size')) != (a['dataset'], a.get('image_size')):
+            raise common.UserError(f"--transfer-from {args.transfer_from!r} was trained on other data "
+                                   f"than {path!r}: use a checkpoint of the same dataset and image size")
+        source = common.model_from_checkpoint(src_ckpt, device, args.transfer_from).eval()
+        columns.append(('transfer', 'transfer'))
+        attacks['transfer'] = lambda m, x, y: pgd(source, x, y, eps, train_steps, train_step_size,
+                                                  train_rand)
     row = {'ckpt': path, 'script': ckpt.get('script', ''), 'model': ckpt['model'],
            'dataset': a['dataset'], 'epoch': ckpt.get('epoch'), 'test_images': len(test),
            'eps': eps, 'pgd_train': f"PGD({eps:g}, {train_steps}, {train_step_size:g})"}
@@ -92,23 +121,54 @@ def evaluate(path, args, device):
         common.seed_everything(args.seed)
         row[name + '_acc'] = common.accuracy(model, test, attack, args.batch_size)
     if args.autoattack:
+        columns.append(('AA', 'autoattack'))
         row['autoattack_acc'] = autoattack_accuracy(model, test, eps, device, args.seed,
                                                     args.batch_size)
     row['seconds'] = time.time() - t0
+    row['columns'] = columns
     return row
 
 
-def markdown(rows, autoattack, extra):
-    head = ['checkpoint', 'natural', 'PGD (train)', 'PGD-20', 'CW-inf'] + extra + (['AA'] if autoattack else [])
+def markdown(rows):
+    columns = []
+    for r in rows:
+        columns += [c for c in r['columns'] if c not in columns]
+    head = ['checkpoint'] + [label for label, _ in columns]
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for r in rows:
-        cells = [f"{r['ckpt']} ({r['pgd_train']}, n={r['test_images']})", f"{r['natural_acc']:.2f}",
-                 f"{r['pgd_train_acc']:.2f}", f"{r['pgd20_acc']:.2f}", f"{r['cw20_acc']:.2f}"]
-        cells += [f"{r[name + '_acc']:.2f}" for name in extra]
-        if autoattack:
-            cells.append(f"{r['autoattack_acc']:.2f}")
+        cells = [f"{r['ckpt']} ({r['pgd_train']}, n={r['test_images']})"]
+        cells += [f"{r[key + '_acc']:.2f}" if key + '_acc' in r else '-' for _, key in columns]
         lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
+
+
+def attention_maps_png(paths, args, device, filename):
+    """AT-att-id Fig. 3: per checkpoint, a row of input images and a row per attention layer
+    (blocks 3 and 4), each map upsampled to the image size and scaled to [0, 1]."""
+    from torchvision.utils import save_image
+    rows = []
+    for path in paths:
+        ckpt = common.load_checkpoint(path)
+        model = common.model_from_checkpoint(ckpt, device, path).eval()
+        if not hasattr(model, 'features_and_maps') or not getattr(model, 'attention', False):
+            print(f"note: {path} has no attention module (train_att_id.py --mode att or att-id); "
+                  f"left out of {filename}", file=sys.stderr)
+            continue
+        test = load_test_split(ckpt, args, device).head(args.n_images)
+        x = common.to_float(test.x)
+        with torch.no_grad():
+            _, maps = model.features_and_maps(x)
+        rows.append(x.expand(-1, 3, -1, -1))
+        for a in maps:
+            a = a / a.flatten(1).amax(1)[:, None, None].clamp_min(1e-12)
+            up = torch.nn.functional.interpolate(a[:, None].float(), size=x.shape[-2:], mode='bilinear',
+                                                 align_corners=False)
+            rows.append(up.expand(-1, 3, -1, -1))
+    if not rows:
+        raise common.UserError(f"--attention-maps: none of the checkpoints has an attention module "
+                               f"(train one with train_att_id.py --mode att or att-id)")
+    save_image(torch.cat(rows).cpu(), filename, nrow=len(rows[0]), padding=2)
+    return filename
 
 
 @common.main_guard
@@ -116,8 +176,9 @@ def main(argv=None):
     args = parse_args(argv)
     device = common.get_device(args.device)
     rows = [evaluate(path, args, device) for path in args.ckpt]
-    extra = [f"pgd({e:g},{int(n)},{s:g})" for e, n, s in args.pgd or []]
-    print(markdown(rows, args.autoattack, extra))
+    print(markdown(rows))
+    if args.attention_maps:
+        print(f"wrote {attention_maps_png(args.ckpt, args, device, args.attention_maps)}", file=sys.stderr)
     if args.json:
         with open(args.json, 'w') as f:
             json.dump({'rows': rows, 'test_size': args.test_size, 'seed': args.seed}, f, indent=1)

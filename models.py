@@ -183,11 +183,96 @@ class WideResNet(StagedNet):
         self.feature_dim = c_in
 
 
+class AttentionPool(nn.Module):
+    """The non-linear attention of AT-att-id Sec. 3.2 at one layer.
+
+    For every spatial location n a small ReLU MLP scores the concatenation [l_n ; g] (Eq. (3)),
+    a softmax over the N locations gives the weights a_n (Eq. (4)), and the attended feature
+    is h = sum_n a_n l_n (Eq. (5)). The MLP's first layer on [l_n ; g] is written as
+    W_l l_n + W_g g (the same linear map, split), so it runs as a 1x1 convolution."""
+
+    def __init__(self, local_channels, global_dim, hidden=64):
+        super().__init__()
+        self.local = nn.Conv2d(local_channels, hidden, 1, bias=True)   # W_l (and the bias)
+        self.glob = nn.Linear(global_dim, hidden, bias=False)          # W_g
+        self.score = nn.Conv2d(hidden, 1, 1)                           # hidden -> c_n
+
+    def forward(self, local, g):
+        """local: B x C x H x W, g: B x D -> (h: B x C, a: B x H x W)."""
+        b, c, hgt, wid = local.shape
+        hidden = F.relu(self.local(local) + self.glob(g)[:, :, None, None])
+        scores = self.score(hidden).flatten(1)                       # Eq. (3): c_n, B x N
+        a = torch.softmax(scores.float(), dim=1).to(local.dtype)     # Eq. (4)
+        h = torch.einsum('bn,bcn->bc', a, local.flatten(2))          # Eq. (5)
+        return h, a.view(b, hgt, wid)
+
+
+class CifarResNet(StagedNet):
+    """The CIFAR ResNet of AT-att-id Sec. 4.2 (the "original" ResNet of Madry et al.'s CIFAR
+    code): a 3x3 conv with 16 filters, then three residual stages with 16, 32 and 64 filters
+    ("four residual blocks with [16, 16, 32, 64] filters"), ``blocks`` basic blocks each (5 in
+    Madry et al.'s code), strides 1, 2, 2.
+
+    ``attention=False``: global average pooling after the last stage (the plain model).
+    ``attention=True`` (``att_resnet``): the global feature g comes from a conv layer between
+    two max-pools after block 4 (8x8 -> max-pool 2 -> 3x3 conv, no padding -> max-pool 2 ->
+    1x1, so g has 64 dimensions); an AttentionPool at blocks 3 and 4 (the 32- and 64-filter
+    stages) gives h3, h4, and features(x) = [h3 ; h4] (96-d) replaces g for the final linear
+    layer: the "attention-weighted global descriptor" that the implicit-denoising term uses."""
+
+    def __init__(self, num_classes=10, in_channels=3, blocks=5, attention=False, hidden=64):
+        super().__init__()
+        chans = [16, 16, 32, 64]
+        stem = nn.Sequential(nn.Conv2d(in_channels, chans[0], 3, 1, 1, bias=False),
+                             nn.BatchNorm2d(chans[0]), nn.ReLU(inplace=True))
+        stages, c_in = [stem], chans[0]
+        for i, c_out in enumerate(chans[1:]):
+            stride = 1 if i == 0 else 2
+            stages.append(nn.Sequential(*[BasicBlock(c_in if j == 0 else c_out, c_out,
+                                                     stride if j == 0 else 1, 'relu', 0.0)
+                                          for j in range(blocks)]))
+            c_in = c_out
+        self.stages = nn.ModuleList(stages)
+        self.attention = attention
+        if attention:
+            self.global_net = nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(64, 64, 3), nn.ReLU(inplace=True),
+                                            nn.AdaptiveMaxPool2d(1), nn.Flatten())
+            self.att3 = AttentionPool(chans[2], 64, hidden)
+            self.att4 = AttentionPool(chans[3], 64, hidden)
+            self.feature_dim = chans[2] + chans[3]
+        else:
+            self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            self.feature_dim = chans[3]
+        self.fc = nn.Linear(self.feature_dim, num_classes)
+
+    def features_and_maps(self, x):
+        """(features, [attention map at block 3, at block 4]) of an attention model."""
+        x = self.stages[1](self.stages[0](x))
+        l3 = self.stages[2](x)                      # block 3 (32 filters)
+        l4 = self.stages[3](l3)                     # block 4 (64 filters)
+        g = self.global_net(l4)                     # conv between two max-pools
+        h3, a3 = self.att3(l3, g)
+        h4, a4 = self.att4(l4, g)
+        return torch.cat([h3, h4], dim=1), [a3, a4]
+
+    def features(self, x):
+        if self.attention:
+            return self.features_and_maps(x)[0]
+        return self.pool(self.feature_maps(x))
+
+
+def _att_resnet(**kw):
+    kw.setdefault('attention', True)
+    return CifarResNet(**kw)
+
+
 ARCHITECTURES = {
     'cnn_b': CNNB,
     'madry_cnn': MadryCNN,
     'resnet18': ResNet18,
     'wrn': WideResNet,
+    'cifar_resnet': CifarResNet,
+    'att_resnet': _att_resnet,
 }
 
 
