@@ -20,6 +20,7 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 import common
 from attacks import pgd
@@ -113,13 +114,28 @@ def evaluate(path, args, device):
         columns.append(('transfer', 'transfer'))
         attacks['transfer'] = lambda m, x, y: pgd(source, x, y, eps, train_steps, train_step_size,
                                                   train_rand)
+    if getattr(model, 'ase_index', None) is not None:
+        # AGAIN's adaptive white-box attack (Sec. 5.2.2): ascend CE(main) + CE(ASE) as well,
+        # and count an example robust only if it survives both attacks
+        def both_heads(m, x_adv, y):
+            logits, ase_logits = m.forward_heads(x_adv)
+            return (F.cross_entropy(logits.float(), y, reduction='sum')
+                    + F.cross_entropy(ase_logits.float(), y, reduction='sum'))
+        attacks['pgd20_both'] = lambda m, x, y: pgd(m, x, y, eps, 20, step20, random_start=True,
+                                                    loss=both_heads)
+        columns += [('PGD-20 (both heads)', 'pgd20_both'), ('PGD-20 worst', 'pgd20_worst')]
     row = {'ckpt': path, 'script': ckpt.get('script', ''), 'model': ckpt['model'],
            'dataset': a['dataset'], 'epoch': ckpt.get('epoch'), 'test_images': len(test),
            'eps': eps, 'pgd_train': f"PGD({eps:g}, {train_steps}, {train_step_size:g})"}
     t0 = time.time()
+    masks = {}
     for name, attack in attacks.items():
         common.seed_everything(args.seed)
-        row[name + '_acc'] = common.accuracy(model, test, attack, args.batch_size)
+        masks[name] = common.correct(model, test, attack, args.batch_size)
+        row[name + '_acc'] = 100.0 * masks[name].sum().item() / len(test)
+    if 'pgd20_both' in masks:
+        worst = masks['pgd20'] & masks['pgd20_both']
+        row['pgd20_worst_acc'] = 100.0 * worst.sum().item() / len(test)
     if args.autoattack:
         columns.append(('AA', 'autoattack'))
         row['autoattack_acc'] = autoattack_accuracy(model, test, eps, device, args.seed,

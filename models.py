@@ -27,13 +27,61 @@ def make_act(act, slope=0.01):
     raise ValueError(f"unknown activation {act!r} (use relu or leakyrelu)")
 
 
+class ASEHead(nn.Module):
+    """AGAIN's Attribution Span Enlargement head (AGAIN Sec. 4.1, Eq. (4)) on feature maps A.
+
+    ASE logits = linear(GAP(A)) (its own C -> classes layer, weight W_ase). The maps that
+    continue through the network are
+      training (labels given): A_hat = alpha * A * W_ase[y] + (1 - alpha) * A * W_ase[y_fake]
+      inference (no labels):   A_hat = A * W_ase[pred],  pred = argmax of the ASE logits
+    where W_ase[k] (the k-th row) scales each channel. As in the authors' code, the scales are
+    not detached: the main loss also trains W_ase through A_hat."""
+
+    def __init__(self, channels, num_classes):
+        super().__init__()
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, a, y=None, y_fake=None, alpha=0.6):
+        logits = self.fc(a.mean(dim=(2, 3)))                         # GAP -> ASE logits
+        w = self.fc.weight
+        if y is None:
+            scale = w[logits.argmax(1)]                              # inference: W_ase[pred]
+        else:
+            scale = alpha * w[y] + (1 - alpha) * w[y_fake]           # Eq. (4)
+        return a * scale[:, :, None, None].to(a.dtype), logits
+
+
 class StagedNet(nn.Module):
-    """Base: features(x) = pool(stages(x)); forward(x) = fc(features(x))."""
+    """Base: features(x) = pool(stages(x)); forward(x) = fc(features(x)).
+
+    Optionally (``build(..., ase_layer=l)``) an AGAIN ASE head sits after stage l; ``model(x)``
+    then uses its inference behaviour, and ``forward_heads`` gives both heads' logits."""
+
+    first_stage_number = 0      # number of stages[0]: 0 when it is a stem (ResNets), else 1
+    ase_index = None            # index into stages of the ASE head (self.ase), if any
+
+    def add_ase(self, layer):
+        """Attach an ASE head after stage ``layer`` (ResNet-18: 1-4 = layer1-layer4;
+        cnn_b: 1-5 = conv block 1-5)."""
+        index = layer - self.first_stage_number
+        if not 0 <= index < len(self.stages):
+            raise ValueError(f"ase_layer {layer} is not a stage of this model "
+                             f"({self.first_stage_number}-{self.first_stage_number + len(self.stages) - 1})")
+        channels = [m for m in self.stages[index].modules()
+                    if hasattr(m, 'num_features') or hasattr(m, 'out_channels')][-1]
+        channels = getattr(channels, 'num_features', None) or channels.out_channels
+        self.ase = ASEHead(channels, self.fc.out_features)
+        self.ase_index = index
+
+    def stage_index(self, layer):
+        return layer - self.first_stage_number
 
     def feature_maps(self, x):
         """Output of the last stage (B x C x H x W), before ``pool``."""
-        for stage in self.stages:
+        for i, stage in enumerate(self.stages):
             x = stage(x)
+            if i == self.ase_index:
+                x, _ = self.ase(x)                                   # ASE inference path
         return x
 
     def features(self, x):
@@ -41,6 +89,22 @@ class StagedNet(nn.Module):
 
     def forward(self, x):
         return self.fc(self.features(x))
+
+    def forward_heads(self, x, y=None, y_fake=None, alpha=0.6, transform=None, transform_index=None):
+        """(main logits, ASE logits or None). With ``y``/``y_fake`` the ASE head uses its
+        training weighting (Eq. (4)), without them its inference weighting. ``transform``
+        (e.g. AGAIN's HFF) is applied to the maps of stage ``transform_index`` (default: the
+        ASE stage) before the ASE head sees them; the model knows nothing of what it does."""
+        if transform_index is None:
+            transform_index = self.ase_index
+        ase_logits = None
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i == transform_index and transform is not None:
+                x = transform(x)
+            if i == self.ase_index:
+                x, ase_logits = self.ase(x, y, y_fake, alpha)
+        return self.fc(self.pool(x)), ase_logits
 
 
 class CNNB(StagedNet):
@@ -62,6 +126,7 @@ class CNNB(StagedNet):
             stages.append(nn.Sequential(*layers))
             c_in = c_out
         self.stages = nn.ModuleList(stages)
+        self.first_stage_number = 1          # stages[0] is conv block 1
         # After 2*2*2 pooling a 32x32 input is 4x4; the 4x4 pool leaves 1x1. Adaptive pooling
         # keeps the model usable (and identical) for other sizes that are multiples of 8.
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
@@ -281,7 +346,13 @@ def build(name, num_classes, in_channels, **kw):
     checkpoint can rebuild it exactly (see common.save_checkpoint / common.load_model)."""
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown model {name!r} (choose from {', '.join(ARCHITECTURES)})")
+    ase_layer = kw.pop('ase_layer', None)
     model = ARCHITECTURES[name](num_classes=num_classes, in_channels=in_channels, **kw)
+    if ase_layer is not None:
+        if getattr(model, 'attention', False):
+            raise ValueError("the attention ResNet takes no ASE head")
+        model.add_ase(ase_layer)
+        kw['ase_layer'] = ase_layer
     model.arch_name = name
     model.arch_kwargs = dict(num_classes=num_classes, in_channels=in_channels, **kw)
     return model

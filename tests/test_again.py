@@ -1,0 +1,198 @@
+"""AGAIN: ASE head (models.py), HFF, schedule, MART, AWP (train_again.py) and eval's adaptive attack."""
+import argparse
+import copy
+import json
+
+import torch
+import torch.nn.functional as F
+
+import models
+import train_again
+from conftest import QUICK, REAL_SMALL, final_metrics, needs_real_mnist, read_log, run_ok, run_script
+
+
+def test_hff_mixes_statistics_on_the_simplex():
+    torch.manual_seed(0)
+    for _ in range(20):
+        g = train_again.simplex_gammas('cpu')
+        assert g.shape == (4,) and (g >= 0).all() and (g <= 1).all()
+        assert abs(g.sum().item() - 1) < 1e-6
+    a = torch.randn(6, 5, 4, 4) * (torch.rand(6, 5, 1, 1) * 3 + 0.5) + torch.randn(6, 5, 1, 1)
+    gammas = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    torch.manual_seed(1)
+    out = train_again.hff(a, gammas)
+    torch.manual_seed(1)
+    perm = torch.randperm(6)                       # the same shuffle hff drew
+    a_shuf = a[perm]
+    a1, a2 = train_again.adain(a, a_shuf), train_again.adain(a_shuf, a)
+    stats = [train_again.mean_std(t) for t in (a, a_shuf, a1, a2)]
+    mu_hat = sum(g * m for g, (m, _) in zip(gammas, stats))
+    sigma_hat = sum(g * s for g, (_, s) in zip(gammas, stats))
+    assert out.shape == a.shape
+    out_mean, out_std = train_again.mean_std(out, eps=0.0)
+    assert torch.allclose(out_mean, mu_hat, atol=1e-5)
+    assert torch.allclose(out_std, sigma_hat, rtol=1e-3, atol=1e-4)
+
+
+def test_ase_training_weighting_is_eq_4_on_a_hand_built_head():
+    head = models.ASEHead(channels=3, num_classes=4)
+    with torch.no_grad():
+        head.fc.weight.copy_(torch.tensor([[1., 2., 3.], [0., 1., 0.], [2., 2., 2.], [-1., 0., 1.]]))
+        head.fc.bias.zero_()
+    a = torch.arange(2 * 3 * 2 * 2, dtype=torch.float).view(2, 3, 2, 2)
+    y, y_fake = torch.tensor([0, 2]), torch.tensor([3, 1])
+    out, logits = head(a, y, y_fake, alpha=0.6)
+    w = head.fc.weight
+    for b in range(2):
+        expected = 0.6 * a[b] * w[y[b]][:, None, None] + 0.4 * a[b] * w[y_fake[b]][:, None, None]
+        assert torch.allclose(out[b], expected)
+    assert torch.allclose(logits, a.mean((2, 3)) @ w.T)
+
+
+def test_ase_inference_uses_its_own_argmax_and_model_x_is_that_path():
+    torch.manual_seed(0)
+    model = models.build('cnn_b', 10, 1, width=0.125, ase_layer=4).eval()
+    x = torch.rand(64, 1, 32, 32)
+    with torch.no_grad():
+        main, ase = model.forward_heads(x)
+        assert torch.equal(model(x), main)                    # model(x) is the inference path
+        # rebuild the inference path by hand up to the ASE stage
+        h = x
+        for stage in model.stages[:model.ase_index + 1]:
+            h = stage(h)
+        ase_logits = model.ase.fc(h.mean((2, 3)))
+        assert torch.allclose(ase_logits, ase, atol=1e-6)
+        pred = ase_logits.argmax(1)
+        # find a case where the ASE prediction and the main prediction differ
+        assert (pred != main.argmax(1)).any()
+        scaled = h * model.ase.fc.weight[pred][:, :, None, None]
+        for stage in model.stages[model.ase_index + 1:]:
+            scaled = stage(scaled)
+        assert torch.allclose(model.fc(model.pool(scaled)), main, atol=1e-5)
+        # with another label the output changes: the weighting really follows pred
+        other = (pred + 1) % 10
+        h2 = h * model.ase.fc.weight[other][:, :, None, None]
+        for stage in model.stages[model.ase_index + 1:]:
+            h2 = stage(h2)
+        assert not torch.allclose(model.fc(model.pool(h2)), main, atol=1e-4)
+
+
+def test_schedule_share_tracks_i_over_n():
+    torch.manual_seed(0)
+    n = 4000
+    flags = torch.tensor([train_again.use_again(i, n) for i in range(n)], dtype=torch.float)
+    for k in range(4):
+        chunk = flags[k * 1000:(k + 1) * 1000].mean().item()
+        expected = (k * 1000 + 500) / n
+        assert abs(chunk - expected) < 0.06, (k, chunk, expected)
+    assert flags[:50].mean() < 0.1 and flags[-50:].mean() > 0.9
+
+
+def test_mart_loss_matches_direct_computation():
+    torch.manual_seed(0)
+    la, ln = torch.randn(8, 5), torch.randn(8, 5)
+    y = torch.randint(0, 5, (8,))
+    got = train_again.mart_loss(la, ln, y, 6.0)
+    pa, pn = la.softmax(1), ln.softmax(1)
+    total = 0.0
+    for i in range(8):
+        wrong = max((pa[i, k].item(), k) for k in range(5) if k != y[i])[1]
+        bce = -torch.log(pa[i, y[i]]) - torch.log(1.0001 - pa[i, wrong] + 1e-12)
+        kl = (pn[i] * (torch.log(pn[i] + 1e-12) - torch.log(pa[i] + 1e-12))).sum()
+        total = total + bce + 6.0 * kl * (1.0000001 - pn[i, y[i]])
+    assert torch.allclose(got, total / 8, atol=1e-5)
+
+
+def again_args(**kw):
+    base = dict(alpha=0.6, ase_layer=4, no_hff=False, base='at', mart_lambda=6.0)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def test_awp_perturbs_by_gamma_and_is_restored():
+    torch.manual_seed(0)
+    model = models.build('cnn_b', 10, 1, width=0.125, ase_layer=4).train()
+    proxy = copy.deepcopy(model)
+    x = torch.rand(16, 1, 32, 32)
+    y = torch.randint(0, 10, (16,))
+    x_adv = (x + 0.1 * torch.randn_like(x)).clamp(0, 1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    diff = train_again.awp_perturbation(model, proxy, x, x_adv, y, again_args(base='mart'), True, 5e-3)
+    assert diff and all(model.state_dict()[k].dim() > 1 for k in diff)
+    params = dict(model.named_parameters())
+    for k, d in diff.items():
+        assert abs(d.norm().item() - 5e-3 * params[k].norm().item()) < 1e-6 * (1 + params[k].norm().item())
+    train_again.add_to_weights(model, diff, +1.0)
+    assert not torch.equal(params['stages.0.0.weight'], before['stages.0.0.weight'])
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    loss, _ = train_again.step_loss(model, x, x_adv, y, again_args(), True)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    train_again.add_to_weights(model, diff, -1.0)
+    for k, v in model.named_parameters():
+        assert torch.allclose(v, before[k], atol=1e-7), k
+
+
+def test_step_loss_is_eq_7_and_plain_steps_use_the_inference_path():
+    torch.manual_seed(0)
+    model = models.build('cnn_b', 10, 1, width=0.125, ase_layer=4).train()
+    x = torch.rand(8, 1, 32, 32)
+    y = torch.randint(0, 10, (8,))
+    loss, logits = train_again.step_loss(model, x, x, y, again_args(), again=False)
+    main, ase = model.forward_heads(x)
+    assert torch.allclose(loss, F.cross_entropy(main, y) + F.cross_entropy(ase, y), atol=1e-5)
+    torch.manual_seed(3)
+    loss, _ = train_again.step_loss(model, x, x, y, again_args(no_hff=True), again=True)
+    torch.manual_seed(3)
+    y_fake = y[torch.randperm(8)]
+    main, ase = model.forward_heads(x, y, y_fake, 0.6)
+    assert torch.allclose(loss, F.cross_entropy(main, y) + F.cross_entropy(ase, y), atol=1e-5)
+
+
+CIFAR = ['--dataset', 'cifar10', '--model', 'resnet18', '--width', '0.125', '--steps', '2',
+         '--epochs', '2', '--batch-size', '32', '--train-size', '64', '--test-size', '32',
+         '--eval-size', '16', '--device', 'cpu']
+
+
+def test_end_to_end_variants_and_adaptive_eval(data_dir, tmp_path):
+    variants = {
+        'at': [],
+        'mart_awp': ['--base', 'mart', '--awp-gamma', '0.005', '--awp-warmup', '0'],
+        'no_ase': ['--no-ase'],
+        'no_hff_l3': ['--no-hff', '--ase-layer', '3', '--attack-loss', 'main'],
+    }
+    for name, flags in variants.items():
+        run_ok('train_again.py', '--data-dir', data_dir, '--out', tmp_path / name, *CIFAR, *flags)
+        log = read_log(tmp_path / name)
+        assert len(log) == 2 and 'again_steps' in log[0]
+    for name, flags in {'mnist': [], 'mnist_mart': ['--base', 'mart']}.items():
+        run_ok('train_again.py', '--data-dir', data_dir, '--out', tmp_path / name, *QUICK, *flags)
+    js = tmp_path / 'e.json'
+    proc = run_ok('eval.py', '--ckpt', tmp_path / 'at' / 'last.pt', tmp_path / 'no_ase' / 'last.pt',
+                  tmp_path / 'mnist' / 'last.pt', '--data-dir', data_dir, '--test-size', '32', '--json', js)
+    assert 'PGD-20 worst' in proc.stdout
+    rows = json.loads(js.read_text())['rows']
+    for r in (rows[0], rows[2]):
+        assert r['pgd20_worst_acc'] <= r['pgd20_acc'] + 1e-9
+        assert r['pgd20_worst_acc'] <= r['pgd20_both_acc'] + 1e-9
+    assert 'pgd20_worst_acc' not in rows[1]             # no ASE head: no adaptive column
+    proc = run_script('train_again.py', '--data-dir', data_dir, '--out', tmp_path / 'bad', *QUICK,
+                      '--ase-layer', '5')
+    assert proc.returncode != 0 and 'larger than 1x1' in proc.stderr and 'Traceback' not in proc.stderr
+
+
+def test_defaults_follow_the_paper():
+    a = train_again.parse_args(['--dataset', 'cifar10'])
+    assert (a.model, a.epochs, a.milestones, a.lr, a.weight_decay, a.steps) == ('resnet18', 120, [75, 90], 0.1, 5e-4, 10)
+    assert abs(a.eps - 8 / 255) < 1e-12 and abs(a.step_size - 4 / 255) < 1e-12
+    assert (a.alpha, a.ase_layer, a.attack_loss, a.base, a.awp_gamma) == (0.6, 4, 'both', 'at', 0.0)
+    m = train_again.parse_args([])
+    assert (m.model, m.eps, m.steps, m.ase_layer) == ('cnn_b', 0.3, 16, 4)
+
+
+@needs_real_mnist
+def test_again_beats_st_robustness(real_st_run, tmp_path):
+    run_ok('train_again.py', '--out', tmp_path / 'again', *REAL_SMALL)
+    st, again = final_metrics(real_st_run), final_metrics(tmp_path / 'again')
+    assert again['test_adv'] >= st['test_adv'] + 5.0, (again, st)
