@@ -44,11 +44,36 @@ def parse_args(argv=None):
     p.add_argument('--attention-maps', metavar='FILE.png',
                    help='attention models: inputs and the attention maps of both layers (Fig. 3)')
     p.add_argument('--n-images', type=int, default=8, help='images shown in pictures')
+    g = p.add_argument_group('analyses (the papers\' figures and diagnostic tables)')
+    g.add_argument('--no-table', action='store_true', help='skip the attack table (analyses only)')
+    g.add_argument('--shift', type=int, nargs='?', const=8, metavar='PIXELS',
+                   help='AELF Fig. 3 / Tables 2, 6: accuracy on the test set shifted left, right, '
+                        'up, down by PIXELS (default 8), zero fill')
+    g.add_argument('--grad-maps', metavar='FILE.png', help='AELF Fig. 2: input gradients')
+    g.add_argument('--grad-style', choices=['signed', 'clip'], default='signed',
+                   help='signed: G/||G||_2/max|G|, red + / green - on black (AELF); clip: raw '
+                        'gradient clipped to +-3 std, rescaled to [0, 1] (AT-att-id Fig. 4)')
+    g.add_argument('--grad-signs', metavar='FILE.png', help='AELF Fig. 4: gradient signs above thresholds')
+    g.add_argument('--sign-thresholds', default='0.1,0.3,0.5', help='thresholds for --grad-signs')
+    g.add_argument('--gradmap-classifier', metavar='ST.pt',
+                   help='AT-att-id Table 3: a standard model classifies the gradient maps')
+    g.add_argument('--asc', action='store_true', help='AGAIN Eq. (2): attribution span coverage')
+    g.add_argument('--asc-threshold', type=float, default=0.5, help='lambda of Eq. (2)')
+    g.add_argument('--cam', metavar='FILE.png', help='AGAIN Fig. 1: class activation maps')
+    g.add_argument('--valid-weights', action='store_true',
+                   help='AGAIN supp. 4.4: fc weights above their class mean, averaged over classes')
+    g.add_argument('--sanity', action='store_true', help='checks against gradient masking')
     p.add_argument('--seed', type=int, default=0, help='seed for random starts and AutoAttack')
     p.add_argument('--json', help='write the numbers to this JSON file as well')
     args = p.parse_args(argv)
     if args.test_size is not None and args.test_size <= 0:
         p.error('--test-size must be positive')
+    if args.shift is not None and args.shift <= 0:
+        p.error('--shift must be a positive number of pixels')
+    try:
+        args.sign_thresholds = [float(t) for t in args.sign_thresholds.split(',')]
+    except ValueError:
+        p.error('--sign-thresholds takes numbers separated by commas, e.g. 0.1,0.3,0.5')
     return args
 
 
@@ -129,6 +154,8 @@ def evaluate(path, args, device):
            'eps': eps, 'pgd_train': f"PGD({eps:g}, {train_steps}, {train_step_size:g})"}
     t0 = time.time()
     masks = {}
+    if args.no_table:
+        attacks, columns = {}, []
     for name, attack in attacks.items():
         common.seed_everything(args.seed)
         masks[name] = common.correct(model, test, attack, args.batch_size)
@@ -136,13 +163,265 @@ def evaluate(path, args, device):
     if 'pgd20_both' in masks:
         worst = masks['pgd20'] & masks['pgd20_both']
         row['pgd20_worst_acc'] = 100.0 * worst.sum().item() / len(test)
-    if args.autoattack:
+    if args.autoattack and not args.no_table:
         columns.append(('AA', 'autoattack'))
         row['autoattack_acc'] = autoattack_accuracy(model, test, eps, device, args.seed,
                                                     args.batch_size)
+    if args.shift:
+        row['shift'] = shift_accuracies(model, test, args.shift, columns_attack(eps, train_steps, train_step_size,
+                                                                              train_rand), args.batch_size)
+    if args.gradmap_classifier:
+        row.update(gradmap_classification(model, ckpt, test, args, device))
+    if args.asc or args.cam:
+        row['asc_per_image'] = asc_values(model, test, args.asc_threshold, args.batch_size, path)
+        row['asc'] = sum(row['asc_per_image']) / len(row['asc_per_image'])
+    if args.valid_weights:
+        row['valid_weights'] = valid_weights(model)
+    if args.sanity:
+        measured = measure_sanity(model, test, eps, args, device)
+        row['sanity'] = {'measured': measured, 'warnings': sanity_warnings(measured, len(test))}
     row['seconds'] = time.time() - t0
     row['columns'] = columns
     return row
+
+
+def columns_attack(eps, steps, step_size, rand):
+    return lambda m, x, y: pgd(m, x, y, eps, steps, step_size, rand)
+
+
+# ------------------------------------------------------------------ shifted test sets (AELF)
+
+SHIFTS = {'N': (0, 0), 'N(L)': (-1, 0), 'N(R)': (1, 0), 'N(U)': (0, -1), 'N(D)': (0, 1)}
+
+
+def shift_images(x, dx, dy):
+    """Shift a batch (B x C x H x W) by dx pixels right (negative: left) and dy pixels down
+    (negative: up), filling with zeros (AELF Fig. 3)."""
+    out = torch.zeros_like(x)
+    h, w = x.shape[-2:]
+    src_y, dst_y = (slice(0, h - dy), slice(dy, h)) if dy >= 0 else (slice(-dy, h), slice(0, h + dy))
+    src_x, dst_x = (slice(0, w - dx), slice(dx, w)) if dx >= 0 else (slice(-dx, w), slice(0, w + dx))
+    out[..., dst_y, dst_x] = x[..., src_y, src_x]
+    return out
+
+
+def shift_accuracies(model, test, pixels, attack, batch_size):
+    """Natural and adversarial (training PGD) accuracy on N, N(L), N(R), N(U), N(D)."""
+    result = {}
+    for name, (sx, sy) in SHIFTS.items():
+        shifted = common.Split(shift_images(test.x, sx * pixels, sy * pixels), test.y)
+        result[name] = {'natural': common.accuracy(model, shifted, None, batch_size),
+                        'adversarial': common.accuracy(model, shifted, attack, batch_size)}
+    return result
+
+
+def shift_table(rows, pixels):
+    names = list(SHIFTS)
+    head = ['checkpoint'] + [f'nat {n}' for n in names] + [f'adv {n}' for n in names]
+    lines = [f"Shifted test sets ({pixels} pixels, zero fill; adversarial = the training PGD):",
+             '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    for r in rows:
+        cells = [r['ckpt']] + [f"{r['shift'][n]['natural']:.2f}" for n in names]
+        cells += [f"{r['shift'][n]['adversarial']:.2f}" for n in names]
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
+# ----------------------------------------------------------------- input gradients (pictures)
+
+def input_gradients(model, x, y):
+    """d CE / d x in eval mode (per image; no parameter .grad touched)."""
+    model.eval()
+    x = x.clone().requires_grad_(True)
+    with torch.enable_grad():
+        loss = F.cross_entropy(model(x).float(), y, reduction='sum')
+        (grad,) = torch.autograd.grad(loss, x)
+    return grad
+
+
+def normalized_gradient(grad):
+    """AELF footnote 3: G / ||G||_2, then divided by max |.|, per image (channels summed):
+    values in [-1, 1] with max |value| 1."""
+    g = grad.sum(1)
+    g = g / g.flatten(1).norm(dim=1).clamp_min(1e-20)[:, None, None]
+    return g / g.flatten(1).abs().amax(1).clamp_min(1e-20)[:, None, None]
+
+
+def red_green(g):
+    """Signed map in [-1, 1] -> RGB: positive red, negative green, on black."""
+    return torch.stack([g.clamp(min=0), (-g).clamp(min=0), torch.zeros_like(g)], dim=1)
+
+
+def clipped_gradient(grad):
+    """AT-att-id Fig. 4: raw gradient clipped to +-3 std, rescaled to [0, 1], per image."""
+    std = grad.flatten(1).std(1).clamp_min(1e-20)[:, None, None, None]
+    return ((grad.clamp(-3 * std, 3 * std) + 3 * std) / (6 * std)).clamp(0, 1)
+
+
+def raw_rescaled_gradient(grad):
+    """The raw gradient rescaled to [0, 1] per image (min-max), without clipping."""
+    lo = grad.flatten(1).amin(1)[:, None, None, None]
+    hi = grad.flatten(1).amax(1)[:, None, None, None]
+    return (grad - lo) / (hi - lo).clamp_min(1e-20)
+
+
+def rgb(x):
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
+def gradient_pictures(paths, args, device):
+    """--grad-maps and --grad-signs: a row of inputs, then one row per checkpoint (for the
+    signs, one block of images per threshold)."""
+    from torchvision.utils import save_image
+    maps, signs, inputs = [], [], None
+    for path in paths:
+        ckpt = common.load_checkpoint(path)
+        model = common.model_from_checkpoint(ckpt, device, path)
+        test = load_test_split(ckpt, args, device).head(args.n_images)
+        x = common.to_float(test.x)
+        grad = input_gradients(model, x, test.y)
+        if inputs is None:
+            inputs = rgb(x)
+        elif inputs.shape != rgb(x).shape:
+            raise common.UserError(f"{path} was trained on other images than {paths[0]}: pictures "
+                                   f"compare checkpoints of one dataset and image size")
+        maps.append(rgb(clipped_gradient(grad)) if args.grad_style == 'clip'
+                    else red_green(normalized_gradient(grad)))
+        g = normalized_gradient(grad)
+        signs.append(torch.cat([red_green(torch.sign(g) * (g.abs() > t)) for t in args.sign_thresholds]))
+    n = len(inputs)
+    if args.grad_maps:
+        save_image(torch.cat([inputs] + maps).cpu(), args.grad_maps, nrow=n, padding=2)
+        print(f"wrote {args.grad_maps}", file=sys.stderr)
+    if args.grad_signs:
+        k = len(args.sign_thresholds)
+        rows = [torch.cat([inputs] * k)] + signs
+        save_image(torch.cat(rows).cpu(), args.grad_signs, nrow=n * k, padding=2)
+        print(f"wrote {args.grad_signs} (thresholds {args.sign_thresholds}, left to right)", file=sys.stderr)
+
+
+def gradmap_classification(model, ckpt, test, args, device):
+    """AT-att-id Table 3: accuracy of a standard-trained classifier on the gradient maps of
+    ``model`` (clipped to +-3 std and rescaled; and raw, min-max rescaled)."""
+    st_ckpt = common.load_checkpoint(args.gradmap_classifier)
+    if (st_ckpt['args']['dataset'], st_ckpt['args'].get('image_size')) != \
+            (ckpt['args']['dataset'], ckpt['args'].get('image_size')):
+        raise common.UserError(f"--gradmap-classifier {args.gradmap_classifier!r} was trained on other "
+                               f"data: use a standard model of the same dataset and image size")
+    classifier = common.model_from_checkpoint(st_ckpt, device, args.gradmap_classifier).eval()
+    hits = {'clipped': 0, 'raw': 0}
+    for x, y in common.batches(test, args.batch_size):
+        grad = input_gradients(model, x, y)
+        with torch.no_grad():
+            hits['clipped'] += (classifier(clipped_gradient(grad)).argmax(1) == y).sum().item()
+            hits['raw'] += (classifier(raw_rescaled_gradient(grad)).argmax(1) == y).sum().item()
+    return {'gradmap_clipped_acc': 100.0 * hits['clipped'] / len(test),
+            'gradmap_raw_acc': 100.0 * hits['raw'] / len(test)}
+
+
+# -------------------------------------------------------------- CAM, ASC, valid weights (AGAIN)
+
+def class_activation_maps(model, x, y):
+    """AGAIN Eq. (1): M = sum_c w_{y,c} A_c over the maps the classifier average-pools."""
+    try:
+        a = model.cam_maps(x)
+    except (ValueError, AttributeError) as e:
+        raise common.UserError(f"class activation maps need a model that classifies globally "
+                               f"average-pooled maps ({e})") from None
+    return torch.einsum('bchw,bc->bhw', a.float(), model.fc.weight[y].float())
+
+
+def asc_from_cam(cam, threshold):
+    """AGAIN Eq. (2): share of the elements of M above threshold * max(M), per image."""
+    flat = cam.flatten(1)
+    return (flat > threshold * flat.amax(1, keepdim=True)).float().mean(1)
+
+
+@torch.no_grad()
+def asc_values(model, test, threshold, batch_size, path):
+    model.eval()
+    values = []
+    for x, y in common.batches(test, batch_size):
+        values += asc_from_cam(class_activation_maps(model, x, y), threshold).tolist()
+    return values
+
+
+@torch.no_grad()
+def cam_picture(paths, args, device):
+    from torchvision.utils import save_image
+    rows = []
+    for path in paths:
+        ckpt = common.load_checkpoint(path)
+        model = common.model_from_checkpoint(ckpt, device, path).eval()
+        test = load_test_split(ckpt, args, device).head(args.n_images)
+        x = common.to_float(test.x)
+        cam = class_activation_maps(model, x, test.y)
+        lo = cam.flatten(1).amin(1)[:, None, None]
+        hi = cam.flatten(1).amax(1)[:, None, None]
+        cam = ((cam - lo) / (hi - lo).clamp_min(1e-20))[:, None]
+        up = torch.nn.functional.interpolate(cam, size=x.shape[-2:], mode='bilinear', align_corners=False)
+        if not rows:
+            rows.append(rgb(x))
+        rows.append(rgb(up))
+    save_image(torch.cat(rows).cpu(), args.cam, nrow=len(rows[0]), padding=2)
+    print(f"wrote {args.cam}", file=sys.stderr)
+
+
+def valid_weights(model):
+    """AGAIN supplement 4.4: per class, the number of fc weights above that class's mean
+    weight; averaged over the classes."""
+    w = model.fc.weight.detach().float()
+    return (w > w.mean(1, keepdim=True)).sum(1).float().mean().item()
+
+
+# ------------------------------------------------------------------- sanity (gradient masking)
+
+def measure_sanity(model, test, eps, args, device):
+    """The accuracies the gradient-masking checks compare (Carlini et al. 2019; AutoAttack)."""
+    def acc(attack, seed=args.seed):
+        common.seed_everything(seed)
+        return common.correct(model, test, attack, args.batch_size)
+    pgd10 = acc(lambda m, x, y: pgd(m, x, y, eps, 10, 2.5 * eps / 10, random_start=True))
+    pgd100 = acc(lambda m, x, y: pgd(m, x, y, eps, 100, 2.5 * eps / 100, random_start=True))
+    restarts = pgd10.clone()
+    for r in range(1, 4):   # three more restarts (other seeds): robust only if it survives all
+        restarts &= acc(lambda m, x, y: pgd(m, x, y, eps, 10, 2.5 * eps / 10, random_start=True),
+                        seed=args.seed + r)
+    single_other = acc(lambda m, x, y: pgd(m, x, y, eps, 10, 2.5 * eps / 10, random_start=True),
+                       seed=args.seed + 1)
+    big = acc(lambda m, x, y: pgd(m, x, y, 1.0, 50, 0.05, random_start=True))
+
+    def noise(m, x, y):
+        return (x + eps * torch.sign(torch.randn_like(x))).clamp(0, 1)
+    pct = lambda c: 100.0 * c.sum().item() / len(c)
+    measured = {'pgd10': pct(pgd10), 'pgd100': pct(pgd100), 'pgd10_restarts4': pct(restarts),
+                'pgd10_other_seed': pct(single_other), 'eps1': pct(big), 'noise': pct(acc(noise))}
+    if args.transfer_from:
+        source = common.model_from_checkpoint(common.load_checkpoint(args.transfer_from), device,
+                                              args.transfer_from).eval()
+        measured['transfer'] = pct(acc(lambda m, x, y: pgd(source, x, y, eps, 10, 2.5 * eps / 10,
+                                                           random_start=True)))
+    return measured
+
+
+def sanity_warnings(m, n):
+    """One line per failed check; an empty list means 'ok'. Tolerance: one test image or
+    1%, whichever is larger."""
+    tol = max(100.0 / n, 1.0)
+    warnings = []
+    if m['pgd100'] > m['pgd10'] + tol:
+        warnings.append(f"more PGD steps raised accuracy (PGD-10 {m['pgd10']:.2f}% -> PGD-100 {m['pgd100']:.2f}%)")
+    if m['pgd10_restarts4'] > min(m['pgd10'], m['pgd10_other_seed']) + tol:
+        warnings.append(f"more restarts raised accuracy ({min(m['pgd10'], m['pgd10_other_seed']):.2f}% -> "
+                        f"{m['pgd10_restarts4']:.2f}%)")
+    if m['eps1'] > 5.0:
+        warnings.append(f"an unbounded attack (eps 1) leaves {m['eps1']:.2f}% accuracy, not about 0")
+    whitebox = min(m['pgd10'], m['pgd100'])
+    if m['noise'] < whitebox - tol:
+        warnings.append(f"random noise ({m['noise']:.2f}%) beats white-box PGD ({whitebox:.2f}%)")
+    if 'transfer' in m and m['transfer'] < whitebox - tol:
+        warnings.append(f"a transfer attack ({m['transfer']:.2f}%) beats white-box PGD ({whitebox:.2f}%)")
+    return warnings
 
 
 def markdown(rows):
@@ -192,7 +471,33 @@ def main(argv=None):
     args = parse_args(argv)
     device = common.get_device(args.device)
     rows = [evaluate(path, args, device) for path in args.ckpt]
-    print(markdown(rows))
+    if not args.no_table:
+        print(markdown(rows))
+    if args.shift:
+        print(shift_table(rows, args.shift))
+    extra = [('gradmap (clipped)', 'gradmap_clipped_acc', '{:.2f}'), ('gradmap (raw)', 'gradmap_raw_acc', '{:.2f}'),
+             ('ASC', 'asc', '{:.4f}'), ('valid weights', 'valid_weights', '{:.1f}')]
+    extra = [e for e in extra if e[1] in rows[0]]
+    if extra:
+        print('| checkpoint | ' + ' | '.join(e[0] for e in extra) + ' |\n|' + '---|' * (len(extra) + 1))
+        for r in rows:
+            print(f"| {r['ckpt']} | " + ' | '.join(fmt.format(r[key]) for _, key, fmt in extra) + ' |')
+    if (args.asc or args.cam) and len(rows) >= 2:
+        a, b = rows[0]['asc_per_image'], rows[1]['asc_per_image']
+        share = 100.0 * sum(x > y for x, y in zip(a, b)) / len(a)
+        rows[0]['asc_larger_than_second_percent'] = share
+        print(f"ASC: {rows[0]['ckpt']} has the larger span on {share:.1f}% of the images "
+              f"(vs {rows[1]['ckpt']})")
+    if args.sanity:
+        for r in rows:
+            w = r['sanity']['warnings']
+            print(f"sanity {r['ckpt']}: " + ('ok' if not w else 'WARNING'))
+            for line in w:
+                print(f"  warning: {line}")
+    if args.grad_maps or args.grad_signs:
+        gradient_pictures(args.ckpt, args, device)
+    if args.cam:
+        cam_picture(args.ckpt, args, device)
     if args.attention_maps:
         print(f"wrote {attention_maps_png(args.ckpt, args, device, args.attention_maps)}", file=sys.stderr)
     if args.json:

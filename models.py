@@ -90,6 +90,13 @@ class StagedNet(nn.Module):
     def forward(self, x):
         return self.fc(self.features(x))
 
+    def cam_maps(self, x):
+        """The maps the classifier reads through global average pooling (for class activation
+        maps, AGAIN Eq. (1)); models whose classifier reads them otherwise raise ValueError."""
+        if not (isinstance(self.pool, nn.Sequential) and isinstance(self.pool[0], nn.AdaptiveAvgPool2d)):
+            raise ValueError(f"{type(self).__name__} does not classify globally average-pooled maps")
+        return self.feature_maps(x)
+
     def forward_heads(self, x, y=None, y_fake=None, alpha=0.6, transform=None, transform_index=None):
         """(main logits, ASE logits or None). With ``y``/``y_fake`` the ASE head uses its
         training weighting (Eq. (4)), without them its inference weighting. ``transform``
@@ -132,6 +139,16 @@ class CNNB(StagedNet):
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.fc = nn.Linear(c_in, num_classes)
         self.feature_dim = c_in
+
+    def cam_maps(self, x):
+        """Conv-5 maps before its 4x4 average pool (that pool is CNN_B's global pooling)."""
+        for i, stage in enumerate(self.stages[:-1]):
+            x = stage(x)
+            if i == self.ase_index:
+                x, _ = self.ase(x)
+        for layer in list(self.stages[-1])[:-1]:
+            x = layer(x)
+        return x
 
 
 class MadryCNN(StagedNet):
@@ -309,6 +326,11 @@ class CifarResNet(StagedNet):
             self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
             self.feature_dim = chans[3]
         self.fc = nn.Linear(self.feature_dim, num_classes)
+
+    def cam_maps(self, x):
+        if self.attention:
+            raise ValueError("the attention ResNet's classifier reads attention-pooled features")
+        return super().cam_maps(x)
 
     def features_and_maps(self, x):
         """(features, [attention map at block 3, at block 4]) of an attention model."""

@@ -18,7 +18,8 @@ REAL_DATA = ROOT.parent / 'shared' / 'data'
 HAS_REAL_MNIST = (REAL_DATA / 'MNIST' / 'raw' / 'train-images-idx3-ubyte').is_file()
 sys.path.insert(0, str(ROOT))
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+THREADS = os.environ.get('OMP_NUM_THREADS', '2')
+torch.set_num_threads(int(THREADS))
 
 
 def synthetic_images(n, side, channels, num_classes, seed):
@@ -93,7 +94,7 @@ OFFLINE_ENV = {'http_proxy': 'http://127.0.0.1:9', 'https_proxy': 'http://127.0.
 
 def run_script(script, *args, cwd=None, timeout=600, env=None):
     """Run a script of the repo as a user would; returns the CompletedProcess."""
-    full_env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='2', **OFFLINE_ENV)
+    full_env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS=THREADS, **OFFLINE_ENV)
     full_env.update(env or {})
     cmd = [sys.executable, str(ROOT / script), *map(str, args)]
     return subprocess.run(cmd, cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout,

@@ -1,0 +1,143 @@
+"""eval.py analyses: shifted sets, gradient pictures, gradient-map classifier, CAM/ASC,
+valid weights, and the gradient-masking sanity checks."""
+import argparse
+import json
+
+import torch
+from PIL import Image
+
+import common
+import eval as evaluation
+import models
+from conftest import QUICK, run_ok, run_script
+
+
+def test_shift_moves_a_known_pixel_by_exactly_pixels():
+    x = torch.zeros(1, 1, 32, 32, dtype=torch.uint8)
+    x[0, 0, 12, 14] = 255
+    for (dx, dy), (row, col) in {(-8, 0): (12, 6), (8, 0): (12, 22), (0, -8): (4, 14),
+                                 (0, 8): (20, 14)}.items():
+        out = evaluation.shift_images(x, dx, dy)
+        assert out[0, 0, row, col] == 255 and out.sum() == 255
+    # content pushed past the border is gone, the freed border is zero
+    x[0, 0, 12, 2] = 255
+    left = evaluation.shift_images(x, -8, 0)
+    assert left.sum() == 255 and (left[..., 24:] == 0).all()
+
+
+def test_normalized_gradient_has_max_abs_one_and_colours():
+    g = evaluation.normalized_gradient(torch.randn(3, 1, 8, 8) * 1e-4)
+    assert torch.allclose(g.flatten(1).abs().amax(1), torch.ones(3))
+    rgbmap = evaluation.red_green(g)
+    assert rgbmap.shape == (3, 3, 8, 8) and (rgbmap[:, 2] == 0).all()
+    assert torch.equal(rgbmap[:, 0] > 0, g > 0) and torch.equal(rgbmap[:, 1] > 0, g < 0)
+    c = evaluation.clipped_gradient(torch.randn(2, 3, 8, 8))
+    assert c.min() >= 0 and c.max() <= 1
+
+
+def test_asc_of_a_hand_made_cam():
+    cam = torch.zeros(2, 4, 4)
+    cam[0, 0, :3] = torch.tensor([10.0, 6.0, 4.0])      # above 5: 10 and 6 -> 2 of 16
+    cam[1] = 1.0                                          # flat: nothing above 0.5 * max? all 1 > 0.5
+    asc = evaluation.asc_from_cam(cam, 0.5)
+    assert torch.allclose(asc, torch.tensor([2 / 16, 1.0]))
+    assert torch.allclose(evaluation.asc_from_cam(cam, 0.3), torch.tensor([3 / 16, 1.0]))
+
+
+def test_cam_matches_the_classifier_on_gap_models():
+    torch.manual_seed(0)
+    model = models.build('cnn_b', 10, 1, width=0.125).eval()
+    x, y = torch.rand(3, 1, 32, 32), torch.tensor([1, 2, 3])
+    cam = evaluation.class_activation_maps(model, x, y)
+    assert cam.shape == (3, 4, 4)
+    logits = model(x) - model.fc.bias
+    assert torch.allclose(cam.mean((1, 2)), logits[torch.arange(3), y], atol=1e-5)
+
+
+def test_valid_weights_on_a_hand_made_fc():
+    model = models.build('cnn_b', 3, 1, width=0.125)
+    with torch.no_grad():
+        model.fc.weight.zero_()
+        model.fc.weight[0, :4] = 1.0          # 4 above the (small) class mean
+        model.fc.weight[1, :10] = 1.0         # 10
+        model.fc.weight[2, :1] = 5.0          # 1
+    assert abs(evaluation.valid_weights(model) - 5.0) < 1e-6
+
+
+def sanity_args():
+    return argparse.Namespace(seed=0, batch_size=128, transfer_from=None)
+
+
+def synthetic_split(n=64):
+    from conftest import synthetic_images
+    x, y = synthetic_images(n, 32, 1, 10, seed=5)
+    return common.Split(torch.tensor(x).permute(0, 3, 1, 2).contiguous(), torch.tensor(y))
+
+
+class Rounding(torch.nn.Module):
+    """Gradient masking by construction: inputs are rounded (zero gradient everywhere)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(torch.round(x * 2) / 2)
+
+
+def test_sanity_is_silent_on_an_honest_model_and_warns_on_a_masking_one():
+    from test_attacks import trained_model
+    model, _, _ = trained_model()
+    split = synthetic_split()
+    honest = evaluation.measure_sanity(model, split, 0.1, sanity_args(), torch.device('cpu'))
+    assert evaluation.sanity_warnings(honest, len(split)) == [], honest
+    masked = evaluation.measure_sanity(Rounding(model).eval(), split, 0.1, sanity_args(), torch.device('cpu'))
+    warnings = evaluation.sanity_warnings(masked, len(split))
+    assert any('unbounded attack' in w for w in warnings), masked
+
+
+def test_each_sanity_warning_can_fire():
+    base = {'pgd10': 40.0, 'pgd100': 39.0, 'pgd10_restarts4': 38.0, 'pgd10_other_seed': 40.0,
+            'eps1': 0.0, 'noise': 80.0, 'transfer': 60.0}
+    assert evaluation.sanity_warnings(base, 1000) == []
+    cases = {'pgd100': 45.0, 'pgd10_restarts4': 45.0, 'eps1': 20.0, 'noise': 30.0, 'transfer': 30.0}
+    words = {'pgd100': 'more PGD steps', 'pgd10_restarts4': 'more restarts', 'eps1': 'unbounded',
+             'noise': 'random noise', 'transfer': 'transfer attack'}
+    for key, value in cases.items():
+        warnings = evaluation.sanity_warnings(dict(base, **{key: value}), 1000)
+        assert len(warnings) == 1 and words[key] in warnings[0], (key, warnings)
+
+
+def test_all_analyses_from_the_command_line(data_dir, tmp_path):
+    run_ok('train_at.py', '--data-dir', data_dir, '--out', tmp_path / 'at', *QUICK)
+    run_ok('train_at.py', '--standard', '--data-dir', data_dir, '--out', tmp_path / 'st', *QUICK)
+    a, b = tmp_path / 'at' / 'last.pt', tmp_path / 'st' / 'last.pt'
+    pics = {name: tmp_path / f'{name}.png' for name in ('grad', 'signs', 'cam')}
+    js = tmp_path / 'out.json'
+    proc = run_ok('eval.py', '--ckpt', a, b, '--data-dir', data_dir, '--test-size', '16', '--n-images', '5',
+                  '--no-table', '--shift', '4', '--grad-maps', pics['grad'], '--grad-signs', pics['signs'],
+                  '--gradmap-classifier', b, '--asc', '--cam', pics['cam'], '--valid-weights',
+                  '--sanity', '--transfer-from', b, '--json', js)
+    out = proc.stdout
+    assert 'nat N(L)' in out and 'gradmap (clipped)' in out and 'ASC' in out and 'valid weights' in out
+    assert out.count('sanity ') == 2
+    rows = json.loads(js.read_text())['rows']
+    for r in rows:
+        assert set(r['shift']) == {'N', 'N(L)', 'N(R)', 'N(U)', 'N(D)'}
+        assert 0 <= r['gradmap_clipped_acc'] <= 100 and 0 <= r['asc'] <= 1 and r['valid_weights'] > 0
+        assert 'warnings' in r['sanity'] and 'transfer' in r['sanity']['measured']
+    assert 'asc_larger_than_second_percent' in rows[0]
+    side = 32 + 2                                          # 32x32 images, padding 2
+    assert Image.open(pics['grad']).size == (5 * side + 2, 3 * side + 2)     # inputs + 2 ckpts
+    assert Image.open(pics['signs']).size == (15 * side + 2, 3 * side + 2)   # 3 thresholds
+    assert Image.open(pics['cam']).size == (5 * side + 2, 3 * side + 2)
+    run_ok('eval.py', '--ckpt', a, '--data-dir', data_dir, '--test-size', '8', '--no-table',
+           '--grad-maps', tmp_path / 'clip.png', '--grad-style', 'clip', '--n-images', '4')
+    assert Image.open(tmp_path / 'clip.png').size == (4 * side + 2, 2 * side + 2)
+    # where an analysis makes no sense: one line, no traceback
+    run_ok('train_att_id.py', '--data-dir', data_dir, '--out', tmp_path / 'madry', *QUICK[2:])
+    proc = run_script('eval.py', '--ckpt', tmp_path / 'madry' / 'last.pt', '--data-dir', data_dir,
+                      '--test-size', '8', '--no-table', '--asc')
+    assert proc.returncode != 0 and 'class activation maps need' in proc.stderr and 'Traceback' not in proc.stderr
+    proc = run_script('eval.py', '--ckpt', a, '--sign-thresholds', 'a,b')
+    assert proc.returncode != 0 and '--sign-thresholds' in proc.stderr
