@@ -99,3 +99,10 @@ def test_corrupt_or_foreign_checkpoints_give_one_line(data_dir, tmp_path):
     line = one_line_error(run_script('train_at.py', '--data-dir', data_dir, '--out', tmp_path / 'r',
                                      *QUICK[2:], '--width', '0.25', '--resume', '--epochs', '2'))
     assert 'resume with the flags' in line
+
+
+def test_every_script_prints_its_help():
+    for script in ('train_at.py', 'train_jt.py', 'train_trades.py', 'train_aelf.py', 'train_aelfs.py',
+                   'train_again.py', 'train_att_id.py', 'eval.py'):
+        proc = run_script(script, '--help')
+        assert proc.returncode == 0 and 'usage:' in proc.stdout, (script, proc.stderr[-500:])
