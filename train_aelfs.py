@@ -127,7 +127,7 @@ def main(argv=None):
         common.load_weights_into(model, args.init)   # one-line error for another model
     train_set, test_set = common.load_data(args, device)
     eval_set = test_set.head(args.eval_size)
-    channels_last = device.type == 'cuda'
+    channels_last = common.use_channels_last(device)
 
     def attack(m, x, y):
         return pgd(m, x, y, args.eps, args.steps, args.step_size, args.random_start)

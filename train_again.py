@@ -237,7 +237,7 @@ def main(argv=None):
           f"{common.describe(model.arch_name, model.arch_kwargs)}, {common.attack_summary(args)} "
           f"on {args.attack_loss}, alpha {args.alpha}, ASE {'off' if args.no_ase else args.ase_layer}, "
           f"HFF {'off' if args.no_hff else 'on'}, {device}", flush=True)
-    channels_last = device.type == 'cuda'
+    channels_last = common.use_channels_last(device)
     steps_per_epoch = -(-len(train_set) // args.batch_size)
     total_iterations = args.epochs * steps_per_epoch                 # N of Algorithm 1
     metrics = {}

@@ -60,7 +60,7 @@ def main(argv=None):
     print(f"{'ST' if args.standard else 'AT'} on {args.dataset} ({len(train_set)} train, "
           f"{len(test_set)} test), {common.describe(model.arch_name, model.arch_kwargs)}, "
           f"{'no attack' if args.standard else common.attack_summary(args)}, {device}", flush=True)
-    channels_last = device.type == 'cuda'
+    channels_last = common.use_channels_last(device)
     steps_per_epoch = -(-len(train_set) // args.batch_size)
     metrics = {}
     for epoch in range(run.start_epoch, args.epochs):

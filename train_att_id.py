@@ -99,7 +99,7 @@ def main(argv=None):
     print(f"AT-{args.mode} on {args.dataset} ({len(train_set)} train, {len(test_set)} test), "
           f"{common.describe(model.arch_name, model.arch_kwargs)}, {common.attack_summary(args)}, "
           f"lambda {args.lam}, {device}", flush=True)
-    channels_last = device.type == 'cuda'
+    channels_last = common.use_channels_last(device)
     steps_per_epoch = -(-len(train_set) // args.batch_size)
     metrics = {}
     for epoch in range(run.start_epoch, args.epochs):

@@ -89,7 +89,7 @@ def main(argv=None):
           f"{len(test_set)} test), {common.describe(model.arch_name, model.arch_kwargs)}, "
           f"{common.attack_summary(args)}, lambda {args.lambda1}:{args.lambda2}, beta {args.beta}, "
           f"split {args.split}, init {args.init or 'random'}, {device}", flush=True)
-    channels_last = device.type == 'cuda'
+    channels_last = common.use_channels_last(device)
     steps_per_epoch = -(-len(train_set) // args.batch_size)
     metrics = {}
     for epoch in range(run.start_epoch, args.epochs):

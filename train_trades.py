@@ -93,7 +93,7 @@ def main(argv=None):
     print(f"TRADES on {args.dataset} ({len(train_set)} train, {len(test_set)} test), "
           f"{common.describe(model.arch_name, model.arch_kwargs)}, KL-{common.attack_summary(args)}, "
           f"beta {args.beta}, {device}", flush=True)
-    channels_last = device.type == 'cuda'
+    channels_last = common.use_channels_last(device)
     steps_per_epoch = -(-len(train_set) // args.batch_size)
     metrics = {}
     for epoch in range(run.start_epoch, args.epochs):
