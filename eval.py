@@ -173,7 +173,7 @@ def evaluate(path, args, device):
     if args.gradmap_classifier:
         row.update(gradmap_classification(model, ckpt, test, args, device))
     if args.asc or args.cam:
-        row['asc_per_image'] = asc_values(model, test, args.asc_threshold, args.batch_size, path)
+        row['asc_per_image'] = asc_values(model, test, args.asc_threshold, args.batch_size)
         row['asc'] = sum(row['asc_per_image']) / len(row['asc_per_image'])
     if args.valid_weights:
         row['valid_weights'] = valid_weights(model)
@@ -338,7 +338,7 @@ def asc_from_cam(cam, threshold):
 
 
 @torch.no_grad()
-def asc_values(model, test, threshold, batch_size, path):
+def asc_values(model, test, threshold, batch_size):
     model.eval()
     values = []
     for x, y in common.batches(test, batch_size):
