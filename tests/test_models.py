@@ -56,3 +56,34 @@ def test_build_records_how_to_rebuild():
     m2.load_state_dict(m.state_dict())
     with pytest.raises(ValueError):
         models.build('vgg', 10, 3)
+
+
+@pytest.mark.parametrize('name,kw,shape', [
+    ('cnn_b', {'width': 0.25}, (4, 1, 32, 32)),
+    ('cnn_b', {'width': 0.25, 'ase_layer': 4}, (4, 1, 32, 32)),
+    ('madry_cnn', {}, (4, 1, 28, 28)),
+    ('resnet18', {'width': 0.125}, (4, 3, 32, 32)),
+    ('att_resnet', {'blocks': 1}, (4, 3, 32, 32)),
+])
+def test_channels_last_gives_the_same_outputs_and_gradients(name, kw, shape):
+    # common.prepare_model puts models (and common.batches the inputs) in channels_last on
+    # CPU too: that must change nothing a model computes, only how fast.
+    torch.manual_seed(0)
+    model = models.build(name, 10, shape[1], **kw).eval()
+    fast = models.build(name, 10, shape[1], **kw).eval()
+    fast.load_state_dict(model.state_dict())
+    fast = fast.to(memory_format=torch.channels_last)
+    x = torch.rand(shape)
+    y = torch.arange(shape[0]) % 10
+    outs, grads = [], []
+    for m, xin in ((model, x.clone()), (fast, x.clone().contiguous(memory_format=torch.channels_last))):
+        xin.requires_grad_(True)
+        loss = torch.nn.functional.cross_entropy(m(xin), y)
+        loss.backward()
+        outs.append(m(xin).detach())
+        grads.append((xin.grad, [p.grad for p in m.parameters()]))
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-6)
+    for g0, g1 in zip(grads[0][1], grads[1][1]):
+        assert (g0 is None) == (g1 is None)   # e.g. the ASE logits' bias, unused at inference
+        assert g0 is None or torch.allclose(g0, g1, rtol=1e-4, atol=1e-5)
