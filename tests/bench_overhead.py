@@ -1,16 +1,39 @@
-"""Measure a training script's per-step cost against the bare model work it does.
+"""Measure a training script's speed against the bare model work it does (README "Speed").
 
-    python tests/bench_overhead.py --script train_at.py [--width 1.0] [--batches 6]
+    OMP_NUM_THREADS=1 taskset -c 0 python tests/bench_overhead.py --script train_jt.py
+    python tests/bench_overhead.py --script train_att_id.py --profile -- --model cnn_b
+    python tests/bench_overhead.py --script train_at.py --contiguous   # without channels_last
 
-Bare loop: for each batch, `steps` PGD passes (forward + gradient w.r.t. the input) and one
-training pass (forward, backward, SGD step) of cnn_b on a random batch already on the device,
-with nothing else. Script: the real script on the first `batches` x 128 real MNIST training
-images (../shared/data), one epoch; its images per second is read from log.jsonl.
-Not a test (pytest does not collect it); the README's speed table comes from it.
+Runs the real script in this process for two epochs on the first ``--batches`` x 128 real
+MNIST training images (../shared/data), cnn_b at ``--width`` (0.25, the README's CPU protocol),
+with the script's own defaults otherwise; flags after ``--`` go to the script. While it runs,
+a forward pre-hook on the model's first stage records every pass the training loop of epoch 2
+makes, as (kind, batch shape):
+
+    attack   eval mode, gradients on (a PGD step: forward + gradient w.r.t. the input)
+    train    train mode, gradients on (a forward whose loss is backpropagated to the weights)
+    forward  gradients off (e.g. TRADES' clean logits for its KL attack)
+
+"Bare" replays exactly those passes on random batches already in memory, with nothing else
+between them: each attack pass is a forward and ``torch.autograd.grad`` w.r.t. the input, each
+run of train passes is summed into one loss with one backward and one SGD step; it is timed
+``--reps`` times and the median kept. "Script" is the images per second the script logs for
+epoch 2 (its epoch 1 pays the one-off warm-up). The gap is the loop's overhead (data slicing,
+``.item()`` syncs, logging, the method's extra arithmetic). Timings on a shared 2-core
+machine move by about 10%, so read small overheads as noise.
+
+With ``--profile`` the training loop of epoch 2 runs under torch.profiler and the operators
+that take the most time are printed (the overhead column is then left out: the profiler
+slows the script, not the bare loop).
+
+Not a test (pytest does not collect it). AELFs needs an ST checkpoint: one epoch of
+``train_at.py --standard`` on the same images is run first and passed as ``--init``.
 """
 import argparse
+import collections
+import importlib.util
 import json
-import subprocess
+import statistics
 import sys
 import tempfile
 import time
@@ -21,64 +44,161 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import models  # noqa: E402
+import common  # noqa: E402
 
 
-def bare(width, batches, pgd_steps, batch_size, device, extra_passes=0):
+class PassRecorder:
+    """Patches common.build_model / seed_epoch / accuracy to record the training passes of the
+    epoch ``record_epoch`` (0-based) and, optionally, profile them."""
+
+    def __init__(self, record_epoch=1, profile=False):
+        self.record_epoch, self.profile = record_epoch, profile
+        self.passes, self.recording, self.args, self.profiler = [], False, None, None
+        self._originals = {}
+
+    def _hook(self, module, inputs):
+        if not self.recording:
+            return
+        x = inputs[0]
+        if not torch.is_grad_enabled():
+            kind = 'forward'
+        elif module.training:
+            kind = 'train'
+        else:
+            kind = 'attack'
+        self.passes.append((kind, tuple(x.shape)))
+
+    def __enter__(self):
+        build_model, seed_epoch, accuracy = common.build_model, common.seed_epoch, common.accuracy
+        self._originals = dict(build_model=build_model, seed_epoch=seed_epoch, accuracy=accuracy)
+
+        def recording_build_model(args, **extra):
+            model = build_model(args, **extra)
+            self.args = args
+            model.stages[0].register_forward_pre_hook(self._hook)
+            return model
+
+        def recording_seed_epoch(seed, epoch):
+            self.recording = epoch == self.record_epoch
+            if self.recording:
+                self.passes = []
+                if self.profile:
+                    self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+                    self.profiler.__enter__()
+            return seed_epoch(seed, epoch)
+
+        def recording_accuracy(*a, **kw):
+            self.recording = False
+            if self.profiler is not None:
+                self.profiler.__exit__(None, None, None)
+                self.table = self.profiler.key_averages().table(sort_by='self_cpu_time_total', row_limit=15)
+                self.total_us = sum(e.self_cpu_time_total for e in self.profiler.key_averages())
+                self.profiler = None
+            return accuracy(*a, **kw)
+
+        common.build_model, common.seed_epoch, common.accuracy = (
+            recording_build_model, recording_seed_epoch, recording_accuracy)
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self._originals.items():
+            setattr(common, name, fn)
+
+
+def run_script(path, argv):
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(argv)
+
+
+def bare_seconds(args, passes, device, reps):
+    """Median seconds of replaying ``passes`` (one epoch's) with nothing else in between."""
     torch.manual_seed(0)
-    model = models.build('cnn_b', 10, 1, width=width).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    x = torch.rand(batch_size, 1, 32, 32, device=device)
-    y = torch.randint(0, 10, (batch_size,), device=device)
+    model = common.prepare_model(common.build_model(args), device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
+    fmt = torch.channels_last if common.use_channels_last(device) else torch.contiguous_format
+    inputs = {shape: torch.rand(shape, device=device).contiguous(memory_format=fmt)
+              for _, shape in passes}
+    labels = {shape: torch.randint(0, 10, shape[:1], device=device) for _, shape in passes}
 
-    def step():
-        model.eval()
-        xa = x.clone()
-        for _ in range(pgd_steps):
-            xa.requires_grad_(True)
-            (g,) = torch.autograd.grad(F.cross_entropy(model(xa), y, reduction='sum'), xa)
-            xa = (xa.detach() + 0.01 * g.sign())
-        model.train()
-        opt.zero_grad()
-        loss = F.cross_entropy(model(xa), y)
-        for _ in range(extra_passes):
-            loss = loss + F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-    step()  # warm-up
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
-    t0 = time.time()
-    for _ in range(batches):
-        step()
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
-    return batches * batch_size / (time.time() - t0)
+    def epoch():
+        loss = None
+        for i, (kind, shape) in enumerate(passes):
+            x, y = inputs[shape], labels[shape]
+            if kind == 'attack':
+                model.eval()
+                x = x.clone().requires_grad_(True)
+                (g,) = torch.autograd.grad(F.cross_entropy(model(x), y), x)
+            elif kind == 'forward':
+                model.eval()
+                with torch.no_grad():
+                    model(x)
+            else:
+                model.train()
+                term = F.cross_entropy(model(x), y)
+                loss = term if loss is None else loss + term
+                if i + 1 == len(passes) or passes[i + 1][0] != 'train':
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    loss = None
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+
+    epoch()  # warm-up
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        epoch()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def main():
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--script', default='train_at.py')
-    p.add_argument('--script-args', default='', help='extra flags for the script')
-    p.add_argument('--width', type=float, default=1.0)
-    p.add_argument('--batches', type=int, default=6)
-    p.add_argument('--pgd-steps', type=int, default=16)
-    p.add_argument('--extra-passes', type=int, default=0, help='extra clean forward/backward passes')
+    p.add_argument('--width', type=float, default=0.25)
+    p.add_argument('--batches', type=int, default=10, help='training batches of 128 per epoch')
+    p.add_argument('--reps', type=int, default=15, help='timed repetitions of the bare epoch')
     p.add_argument('--device', default='cpu')
     p.add_argument('--data-dir', default=str(ROOT.parent / 'shared' / 'data'))
+    p.add_argument('--profile', action='store_true', help='profile the training loop of epoch 2')
+    p.add_argument('--contiguous', action='store_true',
+                   help='keep models and batches in the contiguous (NCHW) format on CPU, as before '
+                        'common.use_channels_last covered the CPU (what channels_last buys)')
+    p.add_argument('script_args', nargs='*', help='flags for the script (after --)')
     a = p.parse_args()
     device = torch.device(a.device)
-    bare_ips = bare(a.width, a.batches, a.pgd_steps, 128, device, a.extra_passes)
+    script = str(ROOT / a.script)
+    if a.contiguous:
+        common.use_channels_last = lambda dev: torch.device(dev).type == 'cuda'
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, str(ROOT / a.script), '--data-dir', a.data_dir, '--width', str(a.width),
-               '--train-size', str(128 * (a.batches + 1)), '--test-size', '128', '--eval-size', '128',
-               '--epochs', '1', '--device', a.device, '--out', tmp + '/run', *a.script_args.split()]
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-        rec = [json.loads(l) for l in open(tmp + '/run/log.jsonl')][-1]
-    script_ips = rec['images_per_s']
-    print(json.dumps({'script': a.script, 'args': a.script_args, 'width': a.width, 'device': a.device,
-                      'bare_images_per_s': round(bare_ips, 1), 'script_images_per_s': round(script_ips, 1),
-                      'overhead_percent': round(100 * (bare_ips / script_ips - 1), 1)}))
+        base = ['--data-dir', a.data_dir, '--width', str(a.width), '--train-size', str(128 * a.batches),
+                '--test-size', '128', '--eval-size', '128', '--epochs', '2', '--batch-size', '128',
+                '--device', a.device]
+        extra = list(a.script_args)
+        if Path(a.script).name == 'train_aelfs.py' and '--init' not in extra:
+            run_script(str(ROOT / 'train_at.py'), base + ['--standard', '--epochs', '1', '--out', tmp + '/st'])
+            extra += ['--init', tmp + '/st/last.pt']
+        with PassRecorder(profile=a.profile) as rec:
+            run_script(script, base + extra + ['--out', tmp + '/run'])
+        log = [json.loads(line) for line in open(tmp + '/run/log.jsonl')]
+    script_ips = log[-1]['images_per_s']
+    n_images = 128 * a.batches
+    bare_ips = n_images / bare_seconds(rec.args, rec.passes, device, a.reps)
+    per_batch = collections.Counter(kind for kind, _ in rec.passes)
+    out = {'script': a.script, 'script_args': extra, 'width': a.width, 'device': a.device,
+           'threads': torch.get_num_threads(), 'channels_last': common.use_channels_last(device),
+           'passes_per_batch': {k: round(v / a.batches, 2) for k, v in per_batch.items()},
+           'pass_shapes': sorted({f'{k} {list(s)}' for k, s in rec.passes}),
+           'bare_images_per_s': round(bare_ips, 1), 'script_images_per_s': round(script_ips, 1),
+           'script_seconds_per_batch': round(128 / script_ips, 3),
+           'overhead_percent': None if a.profile else round(100 * (bare_ips / script_ips - 1), 1)}
+    if a.profile:
+        print(rec.table)
+        print(f"profiled self CPU time: {rec.total_us / 1e6:.2f} s")
+    print(json.dumps(out))
 
 
 if __name__ == '__main__':
