@@ -202,7 +202,7 @@ def autocast(device, enabled):
 
 def use_channels_last(device):
     """Whether models and batches use the channels_last (NHWC) memory format on ``device``:
-    on CUDA (cuDNN's fast convolutions) and on CPU (oneDNN's: about 1.3-2x faster for the
+    on CUDA (cuDNN's fast convolutions) and on CPU (oneDNN's: 1.2-1.7x faster training for the
     small cnn_b of the CPU protocol, see README "Speed"). Outputs are the same up to float
     rounding (tests/test_models.py)."""
     return torch.device(device).type in ('cuda', 'cpu')

@@ -93,3 +93,14 @@ def test_accuracy_in_eval_mode_and_restores_mode():
         model.eval()
         expected = (model(split.x.float() / 255).argmax(1) == split.y).float().mean().item() * 100
     assert abs(acc - expected) < 1e-4
+
+
+def test_cpu_models_and_batches_are_channels_last(data_dir):
+    # the speed-up of README "Speed" is only real if the CPU path really uses channels_last
+    model = common.prepare_model(models.build('cnn_b', 10, 3, width=0.25), 'cpu')
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not conv.weight.is_contiguous()
+    split = common.load_split('cifar10', str(data_dir), False, size=8)
+    x, _ = next(common.batches(split, 4, channels_last=common.use_channels_last('cpu')))
+    assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
