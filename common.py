@@ -266,6 +266,101 @@ def accuracy(model, split, attack=None, batch_size=500, amp=False):
     return 100.0 * c.sum().item() / len(c) if len(c) else float('nan')
 
 
+# ------------------------------------------------------------------- embedding-norm penalty
+
+FEATURE_NORMS = {
+    # reading of ||f||_2 in AELF Eq. (10) (and JT*), per sample, then averaged over the batch
+    'l2': 'the l2 norm ||f||_2',
+    'l2sq': 'the squared l2 norm ||f||_2^2',
+    'rms': 'the l2 norm divided by sqrt(D): the root mean square of the D entries of f',
+    'ms': 'the squared l2 norm divided by D: the mean of squares of the D entries of f',
+}
+
+
+def feature_norm(f, reading):
+    """The batch mean of one reading of ||f||_2 (see FEATURE_NORMS) for embeddings f (B x D)."""
+    f = f.float().flatten(1)
+    if reading == 'l2':
+        per_sample = f.norm(dim=1)
+    elif reading == 'l2sq':
+        per_sample = f.pow(2).sum(dim=1)
+    elif reading == 'rms':
+        per_sample = f.norm(dim=1) / math.sqrt(f.shape[1])
+    elif reading == 'ms':
+        per_sample = f.pow(2).mean(dim=1)
+    else:
+        raise ValueError(f"unknown feature-norm reading {reading!r}; one of {sorted(FEATURE_NORMS)}")
+    return per_sample.mean()
+
+
+class CollapseWatch:
+    """Watches a run whose loss penalises the embedding norm (AELFs, JT*) for the collapse a too
+    large beta causes: the embeddings shrink towards 0 and the frozen classifier sees uniform
+    logits. Per epoch it gives the mean l2 norms of f (natural) and f' (adversarial) and the
+    natural-half training accuracy for log.jsonl. It prints one warning line (once per run) when,
+    over the last ``window`` steps, the natural training accuracy of the first epoch stays near
+    chance (below twice chance) or the mean ||f|| is below a tenth of its value at the first
+    step; it checks at the end of every epoch and, so that a long first epoch does not hide a
+    collapse, after step ``early_check`` of the first."""
+
+    def __init__(self, num_classes, hint, window=20, early_check=50):
+        self.num_classes, self.hint = num_classes, hint
+        self.window, self.early_check = window, early_check
+        self.start_norm = None
+        self.warned = False
+        self.recent = []            # (mean ||f||, natural accuracy) of the last steps
+        self.epoch_steps = 0
+        self._reset()
+
+    def _reset(self):
+        self.sum_f = self.sum_f_adv = 0.0
+        self.n_f = self.n_f_adv = self.correct_nat = 0
+        self.epoch_steps = 0
+
+    @torch.no_grad()
+    def step(self, f, f_adv, logits_nat, y_nat, epoch_index=None):
+        norms = f.float().flatten(1).norm(dim=1)
+        correct = (logits_nat.argmax(1) == y_nat).sum().item()
+        if self.start_norm is None:
+            self.start_norm = norms.mean().item()
+        self.sum_f += norms.sum().item()
+        self.n_f += len(norms)
+        self.sum_f_adv += f_adv.float().flatten(1).norm(dim=1).sum().item()
+        self.n_f_adv += len(f_adv)
+        self.correct_nat += correct
+        self.recent = (self.recent + [(norms.mean().item(), 100.0 * correct / max(len(y_nat), 1))])[-self.window:]
+        self.epoch_steps += 1
+        if epoch_index == 0 and self.epoch_steps == self.early_check:
+            self.check(first_epoch=True)
+
+    def check(self, first_epoch):
+        """True when the recent steps look collapsed; warns the first time."""
+        if not self.recent:
+            return False
+        norm = sum(n for n, _ in self.recent) / len(self.recent)
+        acc = sum(a for _, a in self.recent) / len(self.recent)
+        chance = 100.0 / self.num_classes
+        reasons = []
+        if first_epoch and acc < 2 * chance:
+            reasons.append(f"natural training accuracy {acc:.1f}% is near chance ({chance:.0f}%)")
+        if self.start_norm and norm < 0.1 * self.start_norm:
+            reasons.append(f"mean ||f|| fell from {self.start_norm:.3g} to {norm:.3g}")
+        if reasons and not self.warned:
+            self.warned = True
+            print(f"WARNING: the embeddings are collapsing ({'; '.join(reasons)}): {self.hint}",
+                  flush=True)
+        return bool(reasons)
+
+    def end_epoch(self, epoch_index):
+        """Fields for the epoch's log record; prints the warning (once per run) if needed."""
+        record = {'f_norm': self.sum_f / max(self.n_f, 1),
+                  'f_adv_norm': self.sum_f_adv / max(self.n_f_adv, 1),
+                  'train_acc_nat': 100.0 * self.correct_nat / max(self.n_f, 1),
+                  'collapse_warning': self.check(first_epoch=epoch_index == 0)}
+        self._reset()
+        return record
+
+
 # ------------------------------------------------------------------------------------- flags
 
 def aelf_protocol(dataset, model=None, standard=False):
@@ -539,6 +634,8 @@ class Run:
                  f"test nat {record['test_nat']:.2f}%"]
         if record.get('test_adv') is not None:
             parts.append(f"adv {record['test_adv']:.2f}%")
+        if record.get('f_norm') is not None:
+            parts.append(f"||f|| {record['f_norm']:.3g} ||f'|| {record['f_adv_norm']:.3g}")
         parts += [f"{record['seconds']:.1f}s", f"{record['images_per_s']:.0f} img/s",
                   f"ETA {format_seconds(eta)}"]
         print(' | '.join(parts), flush=True)

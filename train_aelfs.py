@@ -53,6 +53,12 @@ def parse_args(argv=None):
     g.add_argument('--beta-adv', type=float, help="weight of ||f'||_2 (default: --beta)")
     g.add_argument('--split', choices=['half', 'full'], default='half',
                    help='half: 2nd half of the batch adversarial (the paper); full: whole batch twice')
+    g.add_argument('--feature-norm', choices=sorted(common.FEATURE_NORMS), default='l2',
+                   help="reading of ||f||_2 in Eq. (10), per sample then batch mean: " +
+                        '; '.join(f"{k}: {v}" for k, v in common.FEATURE_NORMS.items()))
+    g.add_argument('--bn-batch', choices=['mixed', 'separate'], default='mixed',
+                   help='mixed: x and x\' in one forward pass (one set of BatchNorm batch '
+                        'statistics); separate: one pass each')
     g.add_argument('--init', help='ST checkpoint (train_at.py --standard) to start from')
     g.add_argument('--st-epochs', type=int, help='epochs of the in-script ST phase')
     g.add_argument('--st-milestones', type=int, nargs='*', help='lr milestones of the ST phase')
@@ -75,17 +81,20 @@ def parse_args(argv=None):
     return args
 
 
-def aelfs_loss(model, x_nat, x_adv, y_nat, y_adv, lambda1, lambda2, beta, beta_adv):
-    """Eq. (10) on one combined batch. Returns (loss, logits of [x_nat; x_adv])."""
-    f_all = model.features(torch.cat([x_nat, x_adv]))        # Alg. 2, line 5: x, x' -c-> f, f'
-    logits = model.fc(f_all).float()                          # frozen w
-    f, f_adv = f_all[:len(x_nat)].float(), f_all[len(x_nat):].float()
-    logit_nat, logit_adv = logits[:len(x_nat)], logits[len(x_nat):]
+def aelfs_loss(model, x_nat, x_adv, y_nat, y_adv, lambda1, lambda2, beta, beta_adv,
+               feature_norm='l2', bn_batch='mixed'):
+    """Eq. (10) on one batch. Returns (loss, logits of [x_nat; x_adv], f, f')."""
+    if bn_batch == 'mixed':                                   # Alg. 2, line 5: x, x' -c-> f, f'
+        f_all = model.features(torch.cat([x_nat, x_adv]))
+        f, f_adv = f_all[:len(x_nat)], f_all[len(x_nat):]
+    else:
+        f, f_adv = model.features(x_nat), model.features(x_adv)
+    logit_nat, logit_adv = model.fc(f).float(), model.fc(f_adv).float()   # frozen w
     loss = (lambda1 * F.cross_entropy(logit_nat, y_nat)       # lambda1 L(c; x, y)
             + lambda2 * F.cross_entropy(logit_adv, y_adv)     # lambda2 L(c; x', y)
-            + beta * f.norm(dim=1).mean()                     # beta ||f||_2
-            + beta_adv * f_adv.norm(dim=1).mean())            # beta ||f'||_2
-    return loss, logits
+            + beta * common.feature_norm(f, feature_norm)     # beta ||f||_2
+            + beta_adv * common.feature_norm(f_adv, feature_norm))  # beta ||f'||_2
+    return loss, torch.cat([logit_nat, logit_adv]), f, f_adv
 
 
 def standard_training(model, args, train_set, device, channels_last):
@@ -155,8 +164,12 @@ def main(argv=None):
     print(f"AELFs on {args.dataset} ({len(train_set)} train, {len(test_set)} test), "
           f"{common.describe(model.arch_name, model.arch_kwargs)}, {common.attack_summary(args)}, "
           f"lambda {args.lambda1}:{args.lambda2}, beta {args.beta}/{args.beta_adv}, "
-          f"split {args.split}, init {args.init or st_path}, {device}", flush=True)
+          f"split {args.split}, norm {args.feature_norm}, BN {args.bn_batch}, init {args.init or st_path}, {device}", flush=True)
     steps_per_epoch = -(-len(train_set) // args.batch_size)
+    watch = common.CollapseWatch(
+        common.DATASETS[args.dataset].num_classes,
+        f"beta {args.beta}/{args.beta_adv} with --feature-norm {args.feature_norm} is too strong "
+        f"for this model; try a beta ten times smaller, or --feature-norm rms (the README's sweep)")
     metrics = {}
     for epoch in range(run.start_epoch, args.epochs):
         common.seed_epoch(args.seed, epoch)
@@ -178,8 +191,9 @@ def main(argv=None):
                     x_nat, y_nat, x_src, y_adv = x, y, x, y
                 x_adv = attack(model, x_src, y_adv)          # eval mode while attacking
                 # Alg. 2, lines 5-6 and Eq. (10)
-                loss, logits = aelfs_loss(model, x_nat, x_adv, y_nat, y_adv, args.lambda1,
-                                          args.lambda2, args.beta, args.beta_adv)
+                loss, logits, f, f_adv = aelfs_loss(model, x_nat, x_adv, y_nat, y_adv,
+                                                    args.lambda1, args.lambda2, args.beta,
+                                                    args.beta_adv, args.feature_norm, args.bn_batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()                                  # Alg. 2, line 7: c only
@@ -189,6 +203,7 @@ def main(argv=None):
             n_correct += (logits.argmax(1) == torch.cat([y_nat, y_adv])).sum().item()
             n_predicted += len(logits)
             seen += len(y)
+            watch.step(f, f_adv, logits[:len(y_nat)], y_nat, epoch)
             progress.step(step + 1, seen, loss_value)
         seconds = time.time() - t0
 
@@ -198,6 +213,7 @@ def main(argv=None):
                    'test_adv': common.accuracy(model, test_on, attack, amp=args.amp)}
         record = {'epoch': epoch + 1, 'lr': lr, 'train_loss': loss_sum / seen,
                   'train_acc': 100.0 * n_correct / n_predicted, **metrics,
+                  **watch.end_epoch(epoch),
                   'test_images': len(test_on), 'seconds': seconds,
                   'images_per_s': seen / seconds}
         run.log_epoch(record, args.epochs)

@@ -36,6 +36,8 @@ def parse_args(argv=None):
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     common.add_common_args(parser)
     parser.add_argument('--standard', action='store_true', help='ST: train on clean inputs only')
+    parser.add_argument('--init', help='start from this checkpoint of the same model (e.g. AT '
+                                       'fine-tuned from the ST init AELFs starts from)')
     args = parser.parse_args(argv)
     protocol = common.aelf_protocol(args.dataset, args.model, standard=args.standard)
     return common.finish_args(parser, args, protocol)
@@ -48,6 +50,8 @@ def main(argv=None):
     common.seed_everything(args.seed)
     model = common.prepare_model(common.build_model(args), device)
     run = common.Run(args, 'st' if args.standard else 'at')
+    if args.init and run.resume_ckpt is None:
+        common.load_weights_into(model, args.init)           # one-line error for another model
     train_set, test_set = common.load_data(args, device)
     eval_set = test_set.head(args.eval_size)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
@@ -59,7 +63,8 @@ def main(argv=None):
 
     print(f"{'ST' if args.standard else 'AT'} on {args.dataset} ({len(train_set)} train, "
           f"{len(test_set)} test), {common.describe(model.arch_name, model.arch_kwargs)}, "
-          f"{'no attack' if args.standard else common.attack_summary(args)}, {device}", flush=True)
+          f"{'no attack' if args.standard else common.attack_summary(args)}, "
+          f"init {args.init or 'random'}, {device}", flush=True)
     channels_last = common.use_channels_last(device)
     steps_per_epoch = -(-len(train_set) // args.batch_size)
     metrics = {}

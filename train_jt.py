@@ -16,7 +16,8 @@ Reading of the paper, where it leaves room:
   network in one forward pass (shared BatchNorm batch statistics).
 - Eq. (4) writes CE(x) + lambda CE(x'); Table 3 uses ratios lambda1:lambda2 (0.4:0.6,
   0.5:0.5, 0.6:0.4), which is what ``--lambda1/--lambda2`` give.
-- ||f||_2 is the per-sample l2 norm of the penultimate embedding, averaged over the batch.
+- ||f||_2: the reading of train_aelfs.py (``--feature-norm``, see its docstring and the
+  README's beta sweep); the log records mean ||f|| and ||f'|| and warns on a collapse.
 
     python train_jt.py --dataset mnist                                   # JT 0.5:0.5
     python train_jt.py --dataset cifar10 --init runs/st-cifar10-cnn_b-s8/last.pt --beta 0.5  # JT*
@@ -42,6 +43,8 @@ def parse_args(argv=None):
                    help='half: 2nd half of the batch adversarial (the paper); full: whole batch twice')
     g.add_argument('--init', help='JT*: start from this ST checkpoint (train_at.py --standard)')
     g.add_argument('--beta', type=float, default=0.0, help="JT*: weight of ||f||_2 + ||f'||_2")
+    g.add_argument('--feature-norm', choices=sorted(common.FEATURE_NORMS), default='l2',
+                   help="JT*: reading of ||f||_2, as in train_aelfs.py")
     args = parser.parse_args(argv)
     return common.finish_args(parser, args, common.aelf_protocol(args.dataset, args.model))
 
@@ -54,17 +57,17 @@ def jt_batch(model, x, y, split, attack):
     return x, y, attack(model, x, y), y
 
 
-def jt_loss(model, x_nat, x_adv, y_nat, y_adv, lambda1, lambda2, beta):
-    """Eq. (4) (+ the JT* norm term). Returns (loss, logits of [x_nat; x_adv])."""
+def jt_loss(model, x_nat, x_adv, y_nat, y_adv, lambda1, lambda2, beta, feature_norm='l2'):
+    """Eq. (4) (+ the JT* norm term). Returns (loss, logits of [x_nat; x_adv], f_all)."""
     f_all = model.features(torch.cat([x_nat, x_adv]))      # one forward of the combined batch
     logits = model.fc(f_all).float()
     n = len(x_nat)
     loss = (lambda1 * F.cross_entropy(logits[:n], y_nat)    # lambda1 L(theta; x, y)
             + lambda2 * F.cross_entropy(logits[n:], y_adv))  # lambda2 L(theta; x', y)
-    if beta:
-        f = f_all.float()
-        loss = loss + beta * (f[:n].norm(dim=1).mean() + f[n:].norm(dim=1).mean())  # JT*
-    return loss, logits
+    if beta:                                                # JT*: + beta (||f||_2 + ||f'||_2)
+        loss = loss + beta * (common.feature_norm(f_all[:n], feature_norm)
+                              + common.feature_norm(f_all[n:], feature_norm))
+    return loss, logits, f_all
 
 
 @common.main_guard
@@ -91,6 +94,10 @@ def main(argv=None):
           f"split {args.split}, init {args.init or 'random'}, {device}", flush=True)
     channels_last = common.use_channels_last(device)
     steps_per_epoch = -(-len(train_set) // args.batch_size)
+    watch = common.CollapseWatch(   # JT*'s norm term can collapse the embeddings as in AELFs
+        common.DATASETS[args.dataset].num_classes,
+        f"beta {args.beta} with --feature-norm {args.feature_norm} is too strong for this model; "
+        f"try a beta ten times smaller") if args.beta else None
     metrics = {}
     for epoch in range(run.start_epoch, args.epochs):
         common.seed_epoch(args.seed, epoch)
@@ -105,8 +112,8 @@ def main(argv=None):
                                                      channels_last=channels_last)):
             with common.autocast(device, args.amp):
                 x_nat, y_nat, x_adv, y_adv = jt_batch(model, x, y, args.split, attack)
-                loss, logits = jt_loss(model, x_nat, x_adv, y_nat, y_adv, args.lambda1,
-                                       args.lambda2, args.beta)           # Eq. (4)
+                loss, logits, f_all = jt_loss(model, x_nat, x_adv, y_nat, y_adv, args.lambda1,
+                                              args.lambda2, args.beta, args.feature_norm)  # Eq. (4)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -116,6 +123,9 @@ def main(argv=None):
             n_correct += (logits.argmax(1) == torch.cat([y_nat, y_adv])).sum().item()
             n_predicted += len(logits)
             seen += len(y)
+            if watch:
+                watch.step(f_all[:len(y_nat)], f_all[len(y_nat):], logits[:len(y_nat)], y_nat,
+                           epoch)
             progress.step(step + 1, seen, loss_value)
         seconds = time.time() - t0
 
@@ -125,6 +135,7 @@ def main(argv=None):
                    'test_adv': common.accuracy(model, test_on, attack, amp=args.amp)}
         record = {'epoch': epoch + 1, 'lr': lr, 'train_loss': loss_sum / seen,
                   'train_acc': 100.0 * n_correct / n_predicted, **metrics,
+                  **(watch.end_epoch(epoch) if watch else {}),
                   'test_images': len(test_on), 'seconds': seconds, 'images_per_s': seen / seconds}
         run.log_epoch(record, args.epochs)
         run.save(model, epoch + 1, optimizer.state_dict(), metrics, score=metrics['test_adv'],

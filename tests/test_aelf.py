@@ -28,7 +28,7 @@ def test_aelfs_loss_is_eq_10():
     model = tiny().train()
     x, y = batch()
     x_adv = (x + 0.1).clamp(0, 1)
-    loss, logits = train_aelfs.aelfs_loss(model, x[:8], x_adv[8:], y[:8], y[8:], 0.4, 0.6, 0.5, 0.3)
+    loss, logits, _, _ = train_aelfs.aelfs_loss(model, x[:8], x_adv[8:], y[:8], y[8:], 0.4, 0.6, 0.5, 0.3)
     f_all = model.features(torch.cat([x[:8], x_adv[8:]]))        # same BN batch statistics
     f, f_adv = f_all[:8], f_all[8:]
     expected = (0.4 * F.cross_entropy(model.fc(f), y[:8]) + 0.6 * F.cross_entropy(model.fc(f_adv), y[8:])
@@ -37,9 +37,76 @@ def test_aelfs_loss_is_eq_10():
     assert torch.allclose(loss, expected, atol=1e-5)
     assert logits.shape == (16, 10)
     # the beta term really is there: beta = 0 lowers the loss by exactly the norms
-    loss0, _ = train_aelfs.aelfs_loss(model, x[:8], x_adv[8:], y[:8], y[8:], 0.4, 0.6, 0.0, 0.0)
+    loss0, _, _, _ = train_aelfs.aelfs_loss(model, x[:8], x_adv[8:], y[:8], y[8:], 0.4, 0.6, 0.0, 0.0)
     norms = 0.5 * f.norm(dim=1).mean() + 0.3 * f_adv.norm(dim=1).mean()
     assert torch.allclose(loss - loss0, norms, atol=1e-5)
+
+
+@pytest.mark.parametrize('reading, expected', [
+    ('l2', (5.0 + 0.0 + 2.0) / 3),                  # per-sample ||f||_2, batch mean
+    ('l2sq', (25.0 + 0.0 + 4.0) / 3),               # ||f||_2^2
+    ('rms', (5.0 / 2 + 0.0 + 2.0 / 2) / 3),         # ||f||_2 / sqrt(D), D = 4
+    ('ms', (25.0 / 4 + 0.0 + 4.0 / 4) / 3),         # ||f||_2^2 / D
+])
+def test_feature_norm_readings_on_a_hand_made_embedding(reading, expected):
+    f = torch.tensor([[3.0, 4.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, -2.0, 0.0, 0.0]])
+    assert common.feature_norm(f, reading).item() == pytest.approx(expected)
+
+
+def test_aelfs_loss_uses_the_chosen_reading_and_bn_batch():
+    model = tiny().train()
+    x, y = batch()
+    x_adv = (x + 0.1).clamp(0, 1)
+    loss0, _, _, _ = train_aelfs.aelfs_loss(model, x[:8], x_adv[8:], y[:8], y[8:], 0.5, 0.5, 0.0, 0.0)
+    loss, _, f, f_adv = train_aelfs.aelfs_loss(model, x[:8], x_adv[8:], y[:8], y[8:], 0.5, 0.5,
+                                               0.5, 0.5, feature_norm='rms')
+    rms = (f.norm(dim=1) / f.shape[1] ** 0.5).mean() + (f_adv.norm(dim=1) / f.shape[1] ** 0.5).mean()
+    assert torch.allclose(loss - loss0, 0.5 * rms, atol=1e-5)
+    # separate passes: each half gets its own BatchNorm batch statistics
+    _, _, f_sep, _ = train_aelfs.aelfs_loss(model, x[:8], x_adv[8:], y[:8], y[8:], 0.5, 0.5, 0.5, 0.5,
+                                            bn_batch='separate')
+    assert torch.allclose(f_sep, model.features(x[:8]), atol=1e-5)
+    assert not torch.allclose(f_sep, f, atol=1e-3)
+
+
+def test_collapse_watch_fires_on_a_collapse_and_not_otherwise(capsys):
+    healthy = common.CollapseWatch(10, 'try a smaller beta')
+    logits = torch.eye(10)[torch.arange(20) % 10] * 5
+    y = torch.arange(20) % 10
+    healthy.step(torch.ones(20, 8) * 2, torch.ones(20, 8) * 2, logits, y)
+    healthy.step(torch.ones(20, 8), torch.ones(20, 8), logits, y)        # ||f|| halves: fine
+    record = healthy.end_epoch(0)
+    assert not record['collapse_warning'] and 'WARNING' not in capsys.readouterr().out
+    assert record['f_norm'] == pytest.approx(1.5 * 8 ** 0.5) and record['train_acc_nat'] == 100.0
+    shrunk = common.CollapseWatch(10, 'try a smaller beta')
+    shrunk.step(torch.ones(20, 8), torch.ones(20, 8), logits, y)
+    for _ in range(30):
+        shrunk.step(torch.ones(20, 8) * 0.01, torch.ones(20, 8) * 0.01, logits, y)
+    assert shrunk.end_epoch(0)['collapse_warning']
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith('WARNING') and 'try a smaller beta' in out[0]
+    chance = common.CollapseWatch(10, 'hint')
+    chance.step(torch.ones(20, 8), torch.ones(20, 8), torch.zeros(20, 10), y)   # predicts class 0
+    assert chance.end_epoch(0)['collapse_warning'] and 'near chance' in capsys.readouterr().out
+    chance.step(torch.ones(20, 8), torch.ones(20, 8), torch.zeros(20, 10), y)
+    assert not chance.end_epoch(1)['collapse_warning']     # the accuracy rule is epoch 1's only
+
+
+def test_aelfs_warns_on_a_forced_collapse_and_logs_norms(data_dir, tmp_path):
+    quick = [*QUICK, '--train-size', '256', '--step-size', '0.01', '--batch-size', '16']
+    run_ok('train_at.py', '--standard', '--data-dir', data_dir, '--out', tmp_path / 'st', *quick,
+           '--epochs', '3')
+    init = tmp_path / 'st' / 'last.pt'
+    proc = run_ok('train_aelfs.py', '--data-dir', data_dir, '--out', tmp_path / 'big', '--init', init,
+                  *quick, '--beta', '200')
+    assert 'WARNING: the embeddings are collapsing' in proc.stdout, proc.stdout
+    assert 'beta 200' in proc.stdout and "||f'||" in proc.stdout
+    rec = read_log(tmp_path / 'big')[0]
+    assert rec['collapse_warning'] and rec['f_norm'] >= 0 and 'f_adv_norm' in rec
+    proc = run_ok('train_aelfs.py', '--data-dir', data_dir, '--out', tmp_path / 'default', '--init',
+                  init, *quick)
+    assert 'WARNING' not in proc.stdout, proc.stdout
+    assert not read_log(tmp_path / 'default')[0]['collapse_warning']
 
 
 def fc_of(path):
