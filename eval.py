@@ -49,6 +49,8 @@ def parse_args(argv=None):
     g.add_argument('--shift', type=int, nargs='?', const=8, metavar='PIXELS',
                    help='AELF Fig. 3 / Tables 2, 6: accuracy on the test set shifted left, right, '
                         'up, down by PIXELS (default 8), zero fill')
+    g.add_argument('--shift-attack', action=argparse.BooleanOptionalAction, default=True,
+                   help='--no-shift-attack: natural accuracy only on the shifted sets (fast)')
     g.add_argument('--grad-maps', metavar='FILE.png', help='AELF Fig. 2: input gradients')
     g.add_argument('--grad-style', choices=['signed', 'clip'], default='signed',
                    help='signed: G/||G||_2/max|G|, red + / green - on black (AELF); clip: raw '
@@ -167,9 +169,11 @@ def evaluate(path, args, device):
         columns.append(('AA', 'autoattack'))
         row['autoattack_acc'] = autoattack_accuracy(model, test, eps, device, args.seed,
                                                     args.batch_size)
+    if getattr(model, 'ase_index', None) is not None:
+        row.update(ase_diagnostics(model, test, args.batch_size))
     if args.shift:
-        row['shift'] = shift_accuracies(model, test, args.shift, columns_attack(eps, train_steps, train_step_size,
-                                                                              train_rand), args.batch_size)
+        row['shift'] = shift_accuracies(model, test, args.shift, columns_attack(
+            eps, train_steps, train_step_size, train_rand) if args.shift_attack else None, args.batch_size)
     if args.gradmap_classifier:
         row.update(gradmap_classification(model, ckpt, test, args, device))
     if args.asc or args.cam:
@@ -183,6 +187,24 @@ def evaluate(path, args, device):
     row['seconds'] = time.time() - t0
     row['columns'] = columns
     return row
+
+
+@torch.no_grad()
+def ase_diagnostics(model, test, batch_size):
+    """For a model with an AGAIN ASE head, on natural test images: the ASE head's own accuracy
+    (argmax of its logits), the share of images where the model's prediction (the inference
+    path, scaled by W_ase[ASE prediction]) equals the ASE head's, and the oracle accuracy of the
+    main head when the maps are scaled by the true class's row W_ase[y] (Eq. (4), alpha 1).
+    Agreement near 100% with an oracle near 100% means the main head reads the class off the
+    scaling, and the model's prediction is the ASE head's."""
+    hits = {'ase_head_acc': 0, 'ase_agreement': 0, 'ase_oracle_acc': 0}
+    for x, y in common.batches(test, batch_size, channels_last=common.use_channels_last(test.y.device)):
+        main, ase = model.forward_heads(x)
+        oracle, _ = model.forward_heads(x, y=y, y_fake=y, alpha=1.0)
+        hits['ase_head_acc'] += (ase.argmax(1) == y).sum().item()
+        hits['ase_agreement'] += (main.argmax(1) == ase.argmax(1)).sum().item()
+        hits['ase_oracle_acc'] += (oracle.argmax(1) == y).sum().item()
+    return {k: 100.0 * v / len(test) for k, v in hits.items()}
 
 
 def columns_attack(eps, steps, step_size, rand):
@@ -211,7 +233,8 @@ def shift_accuracies(model, test, pixels, attack, batch_size):
     for name, (sx, sy) in SHIFTS.items():
         shifted = common.Split(shift_images(test.x, sx * pixels, sy * pixels), test.y)
         result[name] = {'natural': common.accuracy(model, shifted, None, batch_size),
-                        'adversarial': common.accuracy(model, shifted, attack, batch_size)}
+                        'adversarial': (common.accuracy(model, shifted, attack, batch_size)
+                                        if attack is not None else None)}
     return result
 
 
@@ -222,7 +245,8 @@ def shift_table(rows, pixels):
              '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for r in rows:
         cells = [r['ckpt']] + [f"{r['shift'][n]['natural']:.2f}" for n in names]
-        cells += [f"{r['shift'][n]['adversarial']:.2f}" for n in names]
+        cells += [f"{r['shift'][n]['adversarial']:.2f}" if r['shift'][n]['adversarial'] is not None
+                  else '-' for n in names]
         lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 
@@ -476,12 +500,15 @@ def main(argv=None):
     if args.shift:
         print(shift_table(rows, args.shift))
     extra = [('gradmap (clipped)', 'gradmap_clipped_acc', '{:.2f}'), ('gradmap (raw)', 'gradmap_raw_acc', '{:.2f}'),
-             ('ASC', 'asc', '{:.4f}'), ('valid weights', 'valid_weights', '{:.1f}')]
-    extra = [e for e in extra if e[1] in rows[0]]
+             ('ASC', 'asc', '{:.4f}'), ('valid weights', 'valid_weights', '{:.1f}'),
+             ('ASE head acc', 'ase_head_acc', '{:.2f}'), ('main = ASE', 'ase_agreement', '{:.2f}'),
+             ('oracle (W_ase[y])', 'ase_oracle_acc', '{:.2f}')]
+    extra = [e for e in extra if any(e[1] in r for r in rows)]
     if extra:
         print('| checkpoint | ' + ' | '.join(e[0] for e in extra) + ' |\n|' + '---|' * (len(extra) + 1))
         for r in rows:
-            print(f"| {r['ckpt']} | " + ' | '.join(fmt.format(r[key]) for _, key, fmt in extra) + ' |')
+            print(f"| {r['ckpt']} | " + ' | '.join(fmt.format(r[key]) if key in r else '-'
+                                                   for _, key, fmt in extra) + ' |')
     if (args.asc or args.cam) and len(rows) >= 2:
         a, b = rows[0]['asc_per_image'], rows[1]['asc_per_image']
         share = 100.0 * sum(x > y for x, y in zip(a, b)) / len(a)

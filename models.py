@@ -118,12 +118,18 @@ class CNNB(StagedNet):
     """CNN_B of AELF Table 1: five 3x3 convs (64, 64, 128, 256, 512), each with BatchNorm and
     LeakyReLU; average pooling 2x2 after convs 2, 3, 4 and 4x4 after conv 5; linear 512 ->
     classes. Built for 32x32 inputs (MNIST is resized to 32x32, AELF Appendix C).
-    ``width`` scales every channel count (1.0 = the paper's model; smaller for CPU runs)."""
+    ``width`` scales every channel count (1.0 = the paper's model; smaller for CPU runs).
+
+    The final 4x4 average pool acts on conv 5's 4x4 maps, so it is a global average pool: it is
+    ``self.pool`` (adaptive, identical on 32x32 inputs and their multiples), and stage 5 ends at
+    conv 5's activation. So conv 5's 4x4 maps are what ``feature_maps`` returns, what CAM reads
+    and where an ASE head after block 5 sits (AGAIN Fig. 2: "the second last layer"). Pooling
+    has no parameters: the state dict is the same as when the pool sat inside stage 5."""
 
     def __init__(self, num_classes=10, in_channels=1, width=1.0, act='leakyrelu', slope=0.01):
         super().__init__()
         chans = [max(1, int(round(c * width))) for c in (64, 64, 128, 256, 512)]
-        pools = [None, 2, 2, 2, 4]
+        pools = [None, 2, 2, 2, None]        # conv 5's 4x4 pool is the global pool below
         stages, c_in = [], in_channels
         for c_out, pool in zip(chans, pools):
             layers = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
@@ -134,21 +140,9 @@ class CNNB(StagedNet):
             c_in = c_out
         self.stages = nn.ModuleList(stages)
         self.first_stage_number = 1          # stages[0] is conv block 1
-        # After 2*2*2 pooling a 32x32 input is 4x4; the 4x4 pool leaves 1x1. Adaptive pooling
-        # keeps the model usable (and identical) for other sizes that are multiples of 8.
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.fc = nn.Linear(c_in, num_classes)
         self.feature_dim = c_in
-
-    def cam_maps(self, x):
-        """Conv-5 maps before its 4x4 average pool (that pool is CNN_B's global pooling)."""
-        for i, stage in enumerate(self.stages[:-1]):
-            x = stage(x)
-            if i == self.ase_index:
-                x, _ = self.ase(x)
-        for layer in list(self.stages[-1])[:-1]:
-            x = layer(x)
-        return x
 
 
 class MadryCNN(StagedNet):

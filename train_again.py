@@ -1,10 +1,11 @@
 """AGAIN: adversarial training with Attribution Span Enlargement and Hybrid Feature Fusion
 (AGAIN paper, Sec. 4; supplement Algorithm 1).
 
-Model side (models.py, so eval.py can rebuild it): an ASE head after stage l (``--ase-layer``;
-ResNet-18 layer 1-4, default 4 = the last stage, Table 5; cnn_b conv block 1-5, default 4,
-the last block whose maps are larger than 1x1 (block 5 ends in a 4x4 pool to 1x1, on which
-HFF's per-channel statistics are undefined)).
+Model side (models.py, so eval.py can rebuild it): an ASE head after stage l (``--ase-layer``)
+on the maps that the global average pooling reads, by default (Fig. 2 places ASE on "the second
+last layer"; Table 5: the deeper the layer, the better): ResNet-18 layer 1-4, default 4; cnn_b
+conv block 1-5, default 5 (conv 5's 4x4 maps: CNN_B's final 4x4 pool is its global pool);
+WRN group 1-3, default 3 (after the final BN-act).
 ASE logits = linear(GAP(A_l)). In training, A_hat = alpha A W_ase[y] + (1 - alpha) A W_ase[y']
 (Eq. (4), y' = y shuffled within the batch); at inference A_hat = A W_ase[pred]. ``model(x)``
 is the inference path, so every attack and eval.py work unchanged.
@@ -71,7 +72,7 @@ def parse_args(argv=None):
     common.add_common_args(parser)
     g = parser.add_argument_group('AGAIN')
     g.add_argument('--alpha', type=float, default=0.6, help='weight of the true-label span (Eq. (4))')
-    g.add_argument('--ase-layer', type=int, help='stage of the ASE head (resnet18: 4; cnn_b: 4; wrn: 3)')
+    g.add_argument('--ase-layer', type=int, help='stage of the ASE head (resnet18: 4; cnn_b: 5; wrn: 3)')
     g.add_argument('--no-ase', action='store_true', help='ablation: no ASE head (Table 6)')
     g.add_argument('--no-hff', action='store_true', help='ablation: no HFF (Table 6)')
     g.add_argument('--attack-loss', choices=['both', 'main'], default='both',
@@ -85,7 +86,7 @@ def parse_args(argv=None):
     if args.model not in ('resnet18', 'cnn_b', 'wrn'):
         parser.error('AGAIN here supports --model resnet18, cnn_b or wrn')
     if args.ase_layer is None:
-        args.ase_layer = {'resnet18': 4, 'cnn_b': 4, 'wrn': 3}[args.model]
+        args.ase_layer = {'resnet18': 4, 'cnn_b': 5, 'wrn': 3}[args.model]   # before global pooling
     if not 0.0 <= args.alpha <= 1.0:
         parser.error('--alpha must be in [0, 1]')
     return args

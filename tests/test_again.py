@@ -188,7 +188,7 @@ def test_defaults_follow_the_paper():
     assert abs(a.eps - 8 / 255) < 1e-12 and abs(a.step_size - 4 / 255) < 1e-12
     assert (a.alpha, a.ase_layer, a.attack_loss, a.base, a.awp_gamma) == (0.6, 4, 'both', 'at', 0.0)
     m = train_again.parse_args([])
-    assert (m.model, m.eps, m.steps, m.ase_layer) == ('cnn_b', 0.3, 16, 4)
+    assert (m.model, m.eps, m.steps, m.ase_layer) == ('cnn_b', 0.3, 16, 5)
 
 
 @needs_real_mnist
@@ -196,3 +196,30 @@ def test_again_beats_st_robustness(real_st_run, tmp_path):
     run_ok('train_again.py', '--out', tmp_path / 'again', *REAL_SMALL)
     st, again = final_metrics(real_st_run), final_metrics(tmp_path / 'again')
     assert again['test_adv'] >= st['test_adv'] + 5.0, (again, st)
+
+
+def test_ase_diagnostics_on_a_hand_built_model():
+    import common
+    import eval as evaluation
+
+    class Tiny(models.StagedNet):
+        """x (B x 3 x 1 x 1) -> ASE head (W_ase = identity) -> GAP -> fc diag(1, 1, -1)."""
+        def __init__(self):
+            super().__init__()
+            self.stages = torch.nn.ModuleList([torch.nn.Identity()])
+            self.pool = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+            self.fc = torch.nn.Linear(3, 3, bias=False)
+            self.ase = models.ASEHead(3, 3)
+            self.ase_index = 0
+            with torch.no_grad():
+                self.fc.weight.copy_(torch.diag(torch.tensor([1.0, 1.0, -1.0])))
+                self.ase.fc.weight.copy_(torch.eye(3))
+                self.ase.fc.bias.zero_()
+
+    x = torch.tensor([[3, 1, 1], [1, 3, 1], [1, 1, 3], [1, 1, 3]], dtype=torch.uint8)[:, :, None, None] * 50
+    y = torch.tensor([0, 1, 2, 0])
+    # by hand: ASE predictions 0, 1, 2, 2 (right on 3 of 4); the maps scaled by e_pred give main
+    # logits (3,0,0), (0,3,0), (0,0,-3), (0,0,-3) -> 0, 1, 0, 0: equal to ASE's on 2 of 4;
+    # scaled by e_y: (3,0,0), (0,3,0), (0,0,-3), (1,0,0) -> 0, 1, 0, 0: right on 3 of 4
+    got = evaluation.ase_diagnostics(Tiny().eval(), common.Split(x, y), batch_size=3)
+    assert got == {'ase_head_acc': 75.0, 'ase_agreement': 50.0, 'ase_oracle_acc': 75.0}

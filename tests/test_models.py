@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -34,9 +36,11 @@ def test_cnn_b_matches_aelf_table_1():
     assert sum(isinstance(mod, torch.nn.BatchNorm2d) for mod in m.modules()) == 5
     assert sum(isinstance(mod, torch.nn.LeakyReLU) for mod in m.modules()) == 5
     pools = [mod.kernel_size for mod in m.modules() if isinstance(mod, torch.nn.AvgPool2d)]
-    assert pools == [2, 2, 2, 4]
-    # 32x32 input: after the three 2x2 pools the map is 4x4, the 4x4 pool leaves 1x1
-    assert m.feature_maps(torch.rand(1, 1, 32, 32)).shape == (1, 512, 1, 1)
+    assert pools == [2, 2, 2]
+    # 32x32 input: after the three 2x2 pools conv 5's maps are 4x4; the final 4x4 average pool
+    # is the model's global pool (m.pool), so feature_maps gives conv 5's 4x4 maps
+    assert m.feature_maps(torch.rand(1, 1, 32, 32)).shape == (1, 512, 4, 4)
+    assert isinstance(m.pool[0], torch.nn.AdaptiveAvgPool2d)
     assert (m.fc.in_features, m.fc.out_features) == (512, 10)
     conv_weights = 9 * (1 * 64 + 64 * 64 + 64 * 128 + 128 * 256 + 256 * 512)
     assert n_params(m) == conv_weights + 2 * (64 + 64 + 128 + 256 + 512) + 512 * 10 + 10
@@ -87,3 +91,37 @@ def test_channels_last_gives_the_same_outputs_and_gradients(name, kw, shape):
     for g0, g1 in zip(grads[0][1], grads[1][1]):
         assert (g0 is None) == (g1 is None)   # e.g. the ASE logits' bias, unused at inference
         assert g0 is None or torch.allclose(g0, g1, rtol=1e-4, atol=1e-5)
+
+
+def old_cnn_b_layout(model):
+    """The cnn_b layout before the final 4x4 pool became the global pool: it sat at the end of
+    stage 5, followed by the adaptive global pool over a 1x1 map."""
+    old = copy.deepcopy(model)
+    old.stages[-1] = torch.nn.Sequential(*old.stages[-1], torch.nn.AvgPool2d(4))
+    return old
+
+
+@pytest.mark.parametrize('kw', [{}, {'ase_layer': 4}, {'ase_layer': 5}])
+def test_cnn_b_old_state_dicts_load_with_identical_outputs(kw):
+    torch.manual_seed(0)
+    new = models.build('cnn_b', 10, 1, width=0.25, **kw).eval()
+    old = old_cnn_b_layout(new)
+    assert list(old.state_dict()) == list(new.state_dict())      # same keys, same shapes
+    fresh = models.build('cnn_b', 10, 1, width=0.25, **kw).eval()
+    fresh.load_state_dict(old.state_dict())                      # an old checkpoint loads
+    x = torch.rand(8, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(fresh(x), old(x), atol=1e-5)
+        assert torch.allclose(fresh.features(x), old.features(x), atol=1e-6)
+    for m in (fresh, old):
+        m.train()
+    assert torch.allclose(fresh(x), old(x), atol=1e-5)             # BatchNorm batch statistics too
+
+
+def test_cnn_b_ase_after_conv_5_sees_its_4x4_maps():
+    model = models.build('cnn_b', 10, 1, width=0.25, ase_layer=5).eval()
+    seen = []
+    model.ase.register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape))
+    model(torch.rand(2, 1, 32, 32))
+    assert seen == [(2, 128, 4, 4)]
+    assert model.cam_maps(torch.rand(2, 1, 32, 32)).shape == (2, 128, 4, 4)
