@@ -72,8 +72,17 @@ def test_defaults_follow_the_paper():
     m = train_att_id.parse_args([])
     assert (m.model, m.image_size, m.eps, m.steps, m.step_size, m.random_start, m.lam) == \
         ('madry_cnn', 28, 0.3, 40, 0.01, True, 0.01)
+    # Sec. 4.1: "The settings are the same as in Madry et al. (2017)": Adam 1e-4, batch 50,
+    # 100,000 iterations (84 epochs of 1,200), no weight decay, no schedule
+    assert (m.optimizer, m.lr, m.batch_size, m.epochs, m.milestones, m.weight_decay) == \
+        ('adam', 1e-4, 50, 84, [], 0.0)
+    assert m.epochs * (60000 // m.batch_size) >= 100_000 > (m.epochs - 1) * (60000 // m.batch_size)
     c = train_att_id.parse_args(['--dataset', 'cifar10', '--mode', 'att-id'])
     assert (c.model, c.steps, c.lam) == ('att_resnet', 5, 0.01)
+    # CIFAR-10: Madry et al.'s CIFAR-10 training (80,000 iterations of 128, steps at 40k, 60k)
+    assert (c.optimizer, c.lr, c.momentum, c.weight_decay, c.batch_size) == ('sgd', 0.1, 0.9, 2e-4, 128)
+    assert (c.epochs, c.milestones) == (205, [102, 154])
+    assert train_att_id.parse_args(['--optimizer', 'sgd', '--lr', '0.01']).optimizer == 'sgd'
     assert abs(c.eps - 8 / 255) < 1e-9 and abs(c.step_size - 2 / 255) < 1e-9
     assert train_att_id.parse_args(['--dataset', 'cifar10']).lam == 0.1
     assert train_att_id.parse_args(['--dataset', 'cifar10']).model == 'cifar_resnet'

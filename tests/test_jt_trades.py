@@ -83,6 +83,12 @@ def test_jt_end_to_end_and_jtstar_init(data_dir, tmp_path):
     assert not torch.equal(jts['fc.weight'], st['fc.weight'])
     ckpt = common.load_checkpoint(str(tmp_path / 'jts' / 'last.pt'))
     assert ckpt['script'] == 'jtstar' and ckpt['init'] == str(init)
+    # JT* shares AELFs' penalty, so its log has the norms and the collapse guard; JT has neither
+    assert {'f_norm', 'f_adv_norm', 'collapse_warning'} <= set(read_log(tmp_path / 'jts')[0])
+    assert 'f_norm' not in read_log(tmp_path / 'jt')[0]
+    proc = run_ok('train_jt.py', '--data-dir', data_dir, '--out', tmp_path / 'jts-big', '--init', init,
+                  '--beta', '200', *QUICK, '--batch-size', '16', '--train-size', '256')
+    assert 'WARNING: the embeddings are collapsing' in proc.stdout, proc.stdout
     run_ok('eval.py', '--ckpt', tmp_path / 'jts' / 'last.pt', tmp_path / 'jt' / 'best.pt',
            '--data-dir', data_dir, '--test-size', '16')
 
