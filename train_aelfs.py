@@ -53,7 +53,7 @@ def parse_args(argv=None):
     g.add_argument('--beta-adv', type=float, help="weight of ||f'||_2 (default: --beta)")
     g.add_argument('--split', choices=['half', 'full'], default='half',
                    help='half: 2nd half of the batch adversarial (the paper); full: whole batch twice')
-    g.add_argument('--feature-norm', choices=sorted(common.FEATURE_NORMS), default='l2',
+    g.add_argument('--feature-norm', choices=sorted(common.FEATURE_NORMS), default='rms',
                    help="reading of ||f||_2 in Eq. (10), per sample then batch mean: " +
                         '; '.join(f"{k}: {v}" for k, v in common.FEATURE_NORMS.items()))
     g.add_argument('--bn-batch', choices=['mixed', 'separate'], default='mixed',

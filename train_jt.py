@@ -43,7 +43,7 @@ def parse_args(argv=None):
                    help='half: 2nd half of the batch adversarial (the paper); full: whole batch twice')
     g.add_argument('--init', help='JT*: start from this ST checkpoint (train_at.py --standard)')
     g.add_argument('--beta', type=float, default=0.0, help="JT*: weight of ||f||_2 + ||f'||_2")
-    g.add_argument('--feature-norm', choices=sorted(common.FEATURE_NORMS), default='l2',
+    g.add_argument('--feature-norm', choices=sorted(common.FEATURE_NORMS), default='rms',
                    help="JT*: reading of ||f||_2, as in train_aelfs.py")
     args = parser.parse_args(argv)
     return common.finish_args(parser, args, common.aelf_protocol(args.dataset, args.model))
