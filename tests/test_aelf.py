@@ -160,6 +160,7 @@ def test_aelfs_defaults_follow_the_paper():
     assert (a.model, a.act, a.image_size, a.epochs, a.milestones) == ('cnn_b', 'leakyrelu', 32, 50, [20, 40])
     assert (a.eps, a.steps, a.step_size, a.random_start) == (0.3, 16, 0.02, False)
     assert (a.lambda1, a.lambda2, a.beta, a.beta_adv, a.split) == (0.5, 0.5, 0.5, 0.5, 'half')
+    assert (a.feature_norm, a.bn_batch) == ('rms', 'mixed')      # the README's sweep
     assert (a.st_epochs, a.st_milestones, a.batch_size, a.seed) == (50, [20, 40], 128, 8)
     c = train_aelfs.parse_args(['--dataset', 'cifar100'])
     assert (c.model, c.beta, c.st_epochs, c.epochs) == ('wrn', 0.2, 100, 160)
