@@ -177,8 +177,12 @@ def test_end_to_end_variants_and_adaptive_eval(data_dir, tmp_path):
         assert r['pgd20_worst_acc'] <= r['pgd20_acc'] + 1e-9
         assert r['pgd20_worst_acc'] <= r['pgd20_both_acc'] + 1e-9
     assert 'pgd20_worst_acc' not in rows[1]             # no ASE head: no adaptive column
+    assert 'main = ASE' in proc.stdout                  # the ASE diagnostics, for ASE heads only
+    assert all(k in rows[0] and k in rows[2] and k not in rows[1]
+               for k in ('ase_head_acc', 'ase_agreement', 'ase_oracle_acc'))
+    # 8x8 inputs leave conv 5 with 1x1 maps, where HFF's per-channel std does not exist
     proc = run_script('train_again.py', '--data-dir', data_dir, '--out', tmp_path / 'bad', *QUICK,
-                      '--ase-layer', '5')
+                      '--image-size', '8')
     assert proc.returncode != 0 and 'larger than 1x1' in proc.stderr and 'Traceback' not in proc.stderr
 
 
