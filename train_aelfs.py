@@ -187,7 +187,8 @@ def main(argv=None):
     watch = common.CollapseWatch(
         common.DATASETS[args.dataset].num_classes,
         f"beta {args.beta}/{args.beta_adv} with --feature-norm {args.feature_norm} is too strong "
-        f"for this model; try a beta ten times smaller, or --feature-norm rms (the README's sweep)")
+        f"for this model; try a beta ten times smaller" +
+        (", or the default --feature-norm rms (the README's beta sweep)" if args.feature_norm != 'rms' else ''))
     metrics = {}
     for epoch in range(run.start_epoch, args.epochs):
         common.seed_epoch(args.seed, epoch)
