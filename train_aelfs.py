@@ -22,8 +22,7 @@ Reading of the paper, where it leaves room:
   nor weight decay ever changes it.
 - Batch (Appendix C, "for different JT ways"): of each batch of 128 the second half (64) is
   made adversarial and combined with the natural first half (``--split half``, default);
-  ``--split full`` uses the whole batch twice. The combined batch goes through the network in
-  one forward pass (one set of BatchNorm batch statistics).
+  ``--split full`` uses the whole batch twice.
 - ||f||_2 (``--feature-norm``), per sample, then averaged over the batch. The literal reading
   (``l2``, the l2 norm) collapses the paper's own setting: from an ST init of the full CNN_B
   (D = 512, ||f|| about 12 at the start), beta 0.5 drives every embedding towards 0 within about
@@ -37,9 +36,11 @@ Reading of the paper, where it leaves room:
   0.5 trains (85% natural after the same 40 steps, no collapse) and the paper's suggested range
   [0.1, 0.5] (App. B.2) is safe; ``rms`` with beta b equals ``l2`` with beta b / sqrt(D) (0.022
   for CNN_B at beta 0.5). The sweep behind this choice, and what it does not reproduce (App.
-  B.2's fall above beta 0.8), is in the README. ``--feature-norm l2`` keeps the literal
-  reading; ``ms`` (mean of squares) is the other reading tested. A run whose embeddings
-  collapse says so in one warning line (mean ||f|| and ||f'|| are in every epoch's log).
+  B.2's curve, which only the literal reading shows, compressed: best at beta 0.2, collapsed
+  from 0.5), is in the README. ``--feature-norm l2`` keeps the literal reading (``--beta 0.2``
+  for its best point); ``ms`` (mean of squares) and ``l2sq`` are the other readings tested.
+  A run whose embeddings collapse says so in one warning line (mean ||f|| and ||f'|| are in
+  every epoch's log).
   ``--beta-adv`` sets a separate beta for f' ("beta can be separately set", Sec. 3.2).
 - beta: 0.5 for CNN_B on MNIST and CIFAR-10 (Sec. 4.1), 0.2 for WRN (Tables 4, 5; App. B.2).
 - BatchNorm (``--bn-batch``): x and x' go through c in one forward pass (``mixed``, one set of
