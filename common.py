@@ -297,15 +297,17 @@ class CollapseWatch:
     """Watches a run whose loss penalises the embedding norm (AELFs, JT*) for the collapse a too
     large beta causes: the embeddings shrink towards 0 and the frozen classifier sees uniform
     logits. Per epoch it gives the mean l2 norms of f (natural) and f' (adversarial) and the
-    natural-half training accuracy for log.jsonl. It prints one warning line (once per run) when,
-    over the last ``window`` steps, the natural training accuracy of the first epoch stays near
-    chance (below twice chance) or the mean ||f|| is below a tenth of its value at the first
-    step; it checks at the end of every epoch and, so that a long first epoch does not hide a
-    collapse, after step ``early_check`` of the first."""
+    natural-half training accuracy for log.jsonl. It prints one warning line (once per run) when
+    the natural training accuracy over the last ``window`` steps stays near chance (below twice
+    chance) or the mean ||f|| over the last ``norm_window`` steps is below a tenth of its value
+    at the first step (the norm is smooth, so a short window sees a collapse that happens late in
+    an epoch: a 20-step window once averaged a collapse at the end of a 16-step epoch with the
+    epoch before it and stayed silent). It checks at the end of every epoch and, so that a long
+    first epoch does not hide a collapse, after step ``early_check`` of the first."""
 
-    def __init__(self, num_classes, hint, window=20, early_check=50):
+    def __init__(self, num_classes, hint, window=20, norm_window=5, early_check=50):
         self.num_classes, self.hint = num_classes, hint
-        self.window, self.early_check = window, early_check
+        self.window, self.norm_window, self.early_check = window, norm_window, early_check
         self.start_norm = None
         self.warned = False
         self.recent = []            # (mean ||f||, natural accuracy) of the last steps
@@ -331,17 +333,18 @@ class CollapseWatch:
         self.recent = (self.recent + [(norms.mean().item(), 100.0 * correct / max(len(y_nat), 1))])[-self.window:]
         self.epoch_steps += 1
         if epoch_index == 0 and self.epoch_steps == self.early_check:
-            self.check(first_epoch=True)
+            self.check()
 
-    def check(self, first_epoch):
+    def check(self):
         """True when the recent steps look collapsed; warns the first time."""
         if not self.recent:
             return False
-        norm = sum(n for n, _ in self.recent) / len(self.recent)
+        last = self.recent[-self.norm_window:]
+        norm = sum(n for n, _ in last) / len(last)
         acc = sum(a for _, a in self.recent) / len(self.recent)
         chance = 100.0 / self.num_classes
         reasons = []
-        if first_epoch and acc < 2 * chance:
+        if acc < 2 * chance:
             reasons.append(f"natural training accuracy {acc:.1f}% is near chance ({chance:.0f}%)")
         if self.start_norm and norm < 0.1 * self.start_norm:
             reasons.append(f"mean ||f|| fell from {self.start_norm:.3g} to {norm:.3g}")
@@ -356,7 +359,7 @@ class CollapseWatch:
         record = {'f_norm': self.sum_f / max(self.n_f, 1),
                   'f_adv_norm': self.sum_f_adv / max(self.n_f_adv, 1),
                   'train_acc_nat': 100.0 * self.correct_nat / max(self.n_f, 1),
-                  'collapse_warning': self.check(first_epoch=epoch_index == 0)}
+                  'collapse_warning': self.check()}
         self._reset()
         return record
 

@@ -89,7 +89,13 @@ def test_collapse_watch_fires_on_a_collapse_and_not_otherwise(capsys):
     chance.step(torch.ones(20, 8), torch.ones(20, 8), torch.zeros(20, 10), y)   # predicts class 0
     assert chance.end_epoch(0)['collapse_warning'] and 'near chance' in capsys.readouterr().out
     chance.step(torch.ones(20, 8), torch.ones(20, 8), torch.zeros(20, 10), y)
-    assert not chance.end_epoch(1)['collapse_warning']     # the accuracy rule is epoch 1's only
+    assert chance.end_epoch(1)['collapse_warning']          # and in every later epoch
+    # a collapse late in a short epoch (the real-MNIST case CI once missed: ||f|| 6.7 -> 0.08 over
+    # the last steps of a 16-step epoch while the 20-step average was still 0.11 of the start)
+    late = common.CollapseWatch(10, 'hint')
+    for norm in [6.7] + [2.0] * 14 + [1.0] * 10 + [0.08] * 5:
+        late.step(torch.ones(20, 1) * norm, torch.ones(20, 1) * norm, logits, y)
+    assert late.end_epoch(1)['collapse_warning'] and 'fell from 6.7 to 0.08' in capsys.readouterr().out
 
 
 def test_aelfs_warns_on_a_forced_collapse_and_logs_norms(data_dir, tmp_path):
