@@ -83,6 +83,11 @@ def test_defaults_follow_the_paper():
     assert (c.optimizer, c.lr, c.momentum, c.weight_decay, c.batch_size) == ('sgd', 0.1, 0.9, 2e-4, 128)
     assert (c.epochs, c.milestones) == (205, [102, 154])
     assert train_att_id.parse_args(['--optimizer', 'sgd', '--lr', '0.01']).optimizer == 'sgd'
+    # choosing the other optimiser brings its own lr and weight decay, not Adam's 1e-4
+    s = train_att_id.parse_args(['--optimizer', 'sgd'])
+    assert (s.lr, s.momentum, s.weight_decay, s.batch_size) == (0.1, 0.9, 5e-4, 50)
+    a = train_att_id.parse_args(['--dataset', 'cifar10', '--optimizer', 'adam'])
+    assert (a.lr, a.weight_decay) == (1e-4, 0.0)
     assert abs(c.eps - 8 / 255) < 1e-9 and abs(c.step_size - 2 / 255) < 1e-9
     assert train_att_id.parse_args(['--dataset', 'cifar10']).lam == 0.1
     assert train_att_id.parse_args(['--dataset', 'cifar10']).model == 'cifar_resnet'
