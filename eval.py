@@ -10,12 +10,24 @@ Columns (accuracy in percent on the first --test-size test images):
 - PGD-20: 20 steps, random start, step 2.5 * eps / 20 (Madry et al.'s rule), same eps;
 - CW-inf: the same PGD-20 on the Carlini-Wagner margin loss;
 - AA (with --autoattack): AutoAttack, standard version (Croce & Hein 2020, the pyautoattack
-  package), an independent and standard robustness check.
+  package), an independent and standard robustness check; a second table gives the robust
+  accuracy left after each of its attacks in order (APGD-CE, APGD-T, FAB-T, Square), so a
+  gradient-free attack (Square) that still lowers it - the signature of masked gradients - is
+  seen at a glance. ``--autoattack-version rand`` and ``--aa-attacks apgd-ce,apgd-t`` (a subset,
+  with the version's settings) for quick checks.
+- For checkpoints with an AGAIN ASE head: PGD-20 on both heads (the paper's adaptive attack),
+  PGD-20 through a BPDA surrogate of the head's argmax (forward unchanged, backward through the
+  softmax-weighted W_ase rows), and the head diagnostics (its own accuracy, agreement, oracle,
+  the main head without any scaling).
+- worst: an image counts only if it is classified correctly clean and under every attack of
+  the row (AutoAttack included when run).
 Models are rebuilt from the name and constructor arguments stored in each checkpoint, on the
 dataset and image size they were trained on.
 """
 import argparse
 import json
+import logging
+import re
 import sys
 import time
 
@@ -39,6 +51,10 @@ def parse_args(argv=None):
                    help='an extra PGD column without random start, e.g. --pgd 0.031 10 0.005 '
                         '(AELF Table 3 A*(10)); repeatable')
     p.add_argument('--autoattack', action='store_true', help='also run AutoAttack (standard)')
+    p.add_argument('--autoattack-version', choices=['standard', 'rand'], default='standard',
+                   help="AutoAttack's version (rand: APGD-CE and APGD-DLR with EOT, for randomised models)")
+    p.add_argument('--aa-attacks', metavar='A,B',
+                   help="run only these of the version's attacks, in its order (e.g. apgd-ce,apgd-t)")
     p.add_argument('--transfer-from', metavar='SRC.pt',
                    help='black-box column: PGD examples made on SRC (an independently trained copy)')
     p.add_argument('--attention-maps', metavar='FILE.png',
@@ -65,6 +81,8 @@ def parse_args(argv=None):
     g.add_argument('--valid-weights', action='store_true',
                    help='AGAIN supp. 4.4: fc weights above their class mean, averaged over classes')
     g.add_argument('--sanity', action='store_true', help='checks against gradient masking')
+    g.add_argument('--square-queries', type=int, default=5000,
+                   help="queries of --sanity's gradient-free attack (AutoAttack's Square: 5000)")
     p.add_argument('--seed', type=int, default=0, help='seed for random starts and AutoAttack')
     p.add_argument('--json', help='write the numbers to this JSON file as well')
     args = p.parse_args(argv)
@@ -76,11 +94,38 @@ def parse_args(argv=None):
         args.sign_thresholds = [float(t) for t in args.sign_thresholds.split(',')]
     except ValueError:
         p.error('--sign-thresholds takes numbers separated by commas, e.g. 0.1,0.3,0.5')
+    if args.aa_attacks is not None:
+        args.aa_attacks = [a.strip() for a in args.aa_attacks.split(',') if a.strip()]
+        known = AA_ATTACKS[args.autoattack_version]
+        bad = [a for a in args.aa_attacks if a not in known]
+        if bad or not args.aa_attacks:
+            p.error(f"--aa-attacks: {', '.join(bad) or 'none given'} not in the {args.autoattack_version} "
+                    f"version's attacks ({','.join(known)})")
+        if not args.autoattack:
+            p.error('--aa-attacks needs --autoattack')
     return args
 
 
-def autoattack_accuracy(model, split, eps, device, seed, batch_size):
-    """AutoAttack 'standard' on the main logits (pyautoattack 0.2.0's API)."""
+AA_ATTACKS = {'standard': ['apgd-ce', 'apgd-t', 'fab-t', 'square'], 'rand': ['apgd-ce', 'apgd-dlr']}
+
+
+class _AALog(logging.Handler):
+    """Collects the 'auto-attack' logger's records: pyautoattack reports the robust accuracy
+    after each attack only there ('robust accuracy after APGD-CE: 61.00% ...')."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def autoattack(model, split, eps, device, seed, batch_size, version='standard', attacks=None,
+               square_queries=None):
+    """AutoAttack (pyautoattack 0.2.0's API) on the main logits: (per-image correctness after
+    all attacks, {'clean': acc, attack: robust accuracy after it, ...} in percent, in the order
+    run, warnings). ``attacks`` runs a subset of the version's attacks with its settings."""
     try:
         from pyautoattack import AutoAttack
     except ImportError:
@@ -88,11 +133,34 @@ def autoattack_accuracy(model, split, eps, device, seed, batch_size):
                                "pip install -r requirements.txt") from None
     model.eval()
     x = common.to_float(split.x)
-    aa = AutoAttack(model, norm='Linf', eps=eps, version='standard', device=device, seed=seed)
-    x_adv, _ = aa.run_standard_evaluation(x, split.y, batch_size=batch_size)
+    aa = AutoAttack(model, norm='Linf', eps=eps, version=version, device=device, seed=seed)
+    if attacks is not None:
+        aa.attacks_to_run = [a for a in AA_ATTACKS[version] if a in attacks]
+    if square_queries is not None:
+        aa.square.n_queries = square_queries
+    logger, handler = logging.getLogger('auto-attack'), _AALog()
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        x_adv, _ = aa.run_standard_evaluation(x, split.y, batch_size=batch_size)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
     with torch.no_grad():   # score the float x_adv itself (no uint8 round trip)
         preds = torch.cat([model(xb).argmax(1) for xb in x_adv.split(batch_size)])
-    return 100.0 * (preds == split.y).sum().item() / len(split)
+    breakdown = {}
+    for message in handler.messages:
+        m = re.match(r'(initial accuracy|robust accuracy after ([A-Z-]+)): ([0-9.]+)%', message)
+        if m:
+            breakdown['clean' if m.group(2) is None else m.group(2).lower()] = float(m.group(3))
+    missing = [a for a in ['clean'] + aa.attacks_to_run if a not in breakdown]
+    if missing:   # another pyautoattack version words its log differently: say so, keep the total
+        print(f"note: AutoAttack's log gave no accuracy for {', '.join(missing)} "
+              f"(pyautoattack {getattr(sys.modules.get('pyautoattack'), '__version__', '?')})",
+              file=sys.stderr)
+    warnings = [m for m in handler.messages if 'Square Attack has decreased' in m]
+    return (preds == split.y), breakdown, warnings
 
 
 def training_attack(a, eps_override=None):
@@ -150,7 +218,15 @@ def evaluate(path, args, device):
                     + F.cross_entropy(ase_logits.float(), y, reduction='sum'))
         attacks['pgd20_both'] = lambda m, x, y: pgd(m, x, y, eps, 20, step20, random_start=True,
                                                     loss=both_heads)
-        columns += [('PGD-20 (both heads)', 'pgd20_both'), ('PGD-20 worst', 'pgd20_worst')]
+
+        # BPDA (Athalye et al. 2018): the inference path's forward, with the argmax's row choice
+        # differentiated as the softmax-weighted sum of W_ase rows (ASEHead 'surrogate')
+        def through_argmax(m, x_adv, y):
+            logits, _ = m.forward_heads(x_adv, ase_inference='surrogate')
+            return F.cross_entropy(logits.float(), y, reduction='sum')
+        attacks['pgd20_bpda'] = lambda m, x, y: pgd(m, x, y, eps, 20, step20, random_start=True,
+                                                    loss=through_argmax)
+        columns += [('PGD-20 (both heads)', 'pgd20_both'), ('PGD-20 (BPDA)', 'pgd20_bpda')]
     row = {'ckpt': path, 'script': ckpt.get('script', ''), 'model': ckpt['model'],
            'dataset': a['dataset'], 'epoch': ckpt.get('epoch'), 'test_images': len(test),
            'eps': eps, 'pgd_train': f"PGD({eps:g}, {train_steps}, {train_step_size:g})"}
@@ -162,13 +238,17 @@ def evaluate(path, args, device):
         common.seed_everything(args.seed)
         masks[name] = common.correct(model, test, attack, args.batch_size)
         row[name + '_acc'] = 100.0 * masks[name].sum().item() / len(test)
-    if 'pgd20_both' in masks:
-        worst = masks['pgd20'] & masks['pgd20_both']
-        row['pgd20_worst_acc'] = 100.0 * worst.sum().item() / len(test)
     if args.autoattack and not args.no_table:
         columns.append(('AA', 'autoattack'))
-        row['autoattack_acc'] = autoattack_accuracy(model, test, eps, device, args.seed,
-                                                    args.batch_size)
+        masks['autoattack'], row['autoattack_breakdown'], row['autoattack_warnings'] = autoattack(
+            model, test, eps, device, args.seed, args.batch_size, args.autoattack_version, args.aa_attacks)
+        row['autoattack_acc'] = 100.0 * masks['autoattack'].sum().item() / len(test)
+        row['autoattack_version'] = args.autoattack_version + (
+            f" ({','.join(args.aa_attacks)})" if args.aa_attacks else '')
+    if len(masks) > 2:   # natural and at least two attacks: the per-image worst case
+        worst = torch.stack(list(masks.values())).all(0)
+        row['worst_acc'] = 100.0 * worst.sum().item() / len(test)
+        columns.append(('worst', 'worst'))
     if getattr(model, 'ase_index', None) is not None:
         row.update(ase_diagnostics(model, test, args.batch_size))
     if args.shift:
@@ -196,11 +276,14 @@ def ase_diagnostics(model, test, batch_size):
     path, scaled by W_ase[ASE prediction]) equals the ASE head's, and the oracle accuracy of the
     main head when the maps are scaled by the true class's row W_ase[y] (Eq. (4), alpha 1).
     Agreement near 100% with an oracle near 100% means the main head reads the class off the
-    scaling, and the model's prediction is the ASE head's."""
-    hits = {'ase_head_acc': 0, 'ase_agreement': 0, 'ase_oracle_acc': 0}
+    scaling, and the model's prediction is the ASE head's; the main head's accuracy on unscaled
+    maps says how much it knows without the scaling."""
+    hits = {'ase_head_acc': 0, 'ase_agreement': 0, 'ase_oracle_acc': 0, 'ase_unscaled_acc': 0}
     for x, y in common.batches(test, batch_size, channels_last=common.use_channels_last(test.y.device)):
         main, ase = model.forward_heads(x)
         oracle, _ = model.forward_heads(x, y=y, y_fake=y, alpha=1.0)
+        unscaled, _ = model.forward_heads(x, ase_inference='none')
+        hits['ase_unscaled_acc'] += (unscaled.argmax(1) == y).sum().item()
         hits['ase_head_acc'] += (ase.argmax(1) == y).sum().item()
         hits['ase_agreement'] += (main.argmax(1) == ase.argmax(1)).sum().item()
         hits['ase_oracle_acc'] += (oracle.argmax(1) == y).sum().item()
@@ -418,8 +501,13 @@ def measure_sanity(model, test, eps, args, device):
     def noise(m, x, y):
         return (x + eps * torch.sign(torch.randn_like(x))).clamp(0, 1)
     pct = lambda c: 100.0 * c.sum().item() / len(c)
+    # a gradient-free attack (AutoAttack's Square, 5000 queries): it cannot be misled by
+    # gradients that vanish or point the wrong way, so it must not clearly beat white-box PGD
+    square, _, _ = autoattack(model, test, eps, device, args.seed, args.batch_size, attacks=['square'],
+                              square_queries=args.square_queries)
     measured = {'pgd10': pct(pgd10), 'pgd100': pct(pgd100), 'pgd10_restarts4': pct(restarts),
-                'pgd10_other_seed': pct(single_other), 'eps1': pct(big), 'noise': pct(acc(noise))}
+                'pgd10_other_seed': pct(single_other), 'eps1': pct(big), 'noise': pct(acc(noise)),
+                'square': pct(square)}
     if args.transfer_from:
         source = common.model_from_checkpoint(common.load_checkpoint(args.transfer_from), device,
                                               args.transfer_from).eval()
@@ -443,6 +531,10 @@ def sanity_warnings(m, n):
     whitebox = min(m['pgd10'], m['pgd100'])
     if m['noise'] < whitebox - tol:
         warnings.append(f"random noise ({m['noise']:.2f}%) beats white-box PGD ({whitebox:.2f}%)")
+    if 'square' in m and m['square'] < whitebox - tol:
+        warnings.append(f"a gradient-free attack (Square: {m['square']:.2f}%) beats white-box "
+                        f"PGD ({whitebox:.2f}%): the gradients mislead PGD (masking); read robustness "
+                        f"from AutoAttack or an adaptive attack, not PGD")
     if 'transfer' in m and m['transfer'] < whitebox - tol:
         warnings.append(f"a transfer attack ({m['transfer']:.2f}%) beats white-box PGD ({whitebox:.2f}%)")
     return warnings
@@ -458,6 +550,20 @@ def markdown(rows):
         cells = [f"{r['ckpt']} ({r['pgd_train']}, n={r['test_images']})"]
         cells += [f"{r[key + '_acc']:.2f}" if key + '_acc' in r else '-' for _, key in columns]
         lines.append('| ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
+def autoattack_table(rows):
+    """Robust accuracy (%) left after each AutoAttack attack, in the order run."""
+    names = []
+    for r in rows:
+        names += [n for n in r.get('autoattack_breakdown', {}) if n not in names]
+    lines = ['| AutoAttack | ' + ' | '.join('clean' if n == 'clean' else f'after {n.upper()}' for n in names)
+             + ' |', '|' + '---|' * (len(names) + 1)]
+    for r in rows:
+        b = r.get('autoattack_breakdown', {})
+        lines.append(f"| {r['ckpt']} ({r.get('autoattack_version', '')}) | "
+                     + ' | '.join(f'{b[n]:.2f}' if n in b else '-' for n in names) + ' |')
     return '\n'.join(lines)
 
 
@@ -502,13 +608,19 @@ def main(argv=None):
     extra = [('gradmap (clipped)', 'gradmap_clipped_acc', '{:.2f}'), ('gradmap (raw)', 'gradmap_raw_acc', '{:.2f}'),
              ('ASC', 'asc', '{:.4f}'), ('valid weights', 'valid_weights', '{:.1f}'),
              ('ASE head acc', 'ase_head_acc', '{:.2f}'), ('main = ASE', 'ase_agreement', '{:.2f}'),
-             ('oracle (W_ase[y])', 'ase_oracle_acc', '{:.2f}')]
+             ('oracle (W_ase[y])', 'ase_oracle_acc', '{:.2f}'), ('main, unscaled', 'ase_unscaled_acc', '{:.2f}')]
     extra = [e for e in extra if any(e[1] in r for r in rows)]
     if extra:
         print('| checkpoint | ' + ' | '.join(e[0] for e in extra) + ' |\n|' + '---|' * (len(extra) + 1))
         for r in rows:
             print(f"| {r['ckpt']} | " + ' | '.join(fmt.format(r[key]) if key in r else '-'
                                                    for _, key, fmt in extra) + ' |')
+    if any('autoattack_breakdown' in r for r in rows):
+        print(autoattack_table(rows))
+        for r in rows:
+            for w in r['autoattack_warnings']:
+                print(f"warning: {r['ckpt']}: AutoAttack: {w.split(' This might')[0]} - its gradient "
+                      f"attacks under-attack this model; trust the lowest column and try an adaptive attack")
     if (args.asc or args.cam) and len(rows) >= 2:
         a, b = rows[0]['asc_per_image'], rows[1]['asc_per_image']
         share = 100.0 * sum(x > y for x, y in zip(a, b)) / len(a)

@@ -35,17 +35,32 @@ class ASEHead(nn.Module):
       training (labels given): A_hat = alpha * A * W_ase[y] + (1 - alpha) * A * W_ase[y_fake]
       inference (no labels):   A_hat = A * W_ase[pred],  pred = argmax of the ASE logits
     where W_ase[k] (the k-th row) scales each channel. As in the authors' code, the scales are
-    not detached: the main loss also trains W_ase through A_hat."""
+    not detached: the main loss also trains W_ase through A_hat.
+
+    ``inference`` picks what happens without labels: 'argmax' (the paper's inference path);
+    'surrogate', the same forward values with the backward pass of the softmax-weighted sum of
+    the rows (BPDA, Athalye et al. 2018), so that an attack sees how the ASE logits move the
+    scaling (eval.py's adaptive attack); 'none', no scaling at all (a diagnostic: what the main
+    head reads from the maps alone)."""
+
+    INFERENCE = ('argmax', 'surrogate', 'none')
 
     def __init__(self, channels, num_classes):
         super().__init__()
         self.fc = nn.Linear(channels, num_classes)
 
-    def forward(self, a, y=None, y_fake=None, alpha=0.6):
+    def forward(self, a, y=None, y_fake=None, alpha=0.6, inference='argmax'):
         logits = self.fc(a.mean(dim=(2, 3)))                         # GAP -> ASE logits
         w = self.fc.weight
         if y is None:
+            if inference not in self.INFERENCE:
+                raise ValueError(f"inference must be one of {self.INFERENCE}, not {inference!r}")
+            if inference == 'none':
+                return a, logits
             scale = w[logits.argmax(1)]                              # inference: W_ase[pred]
+            if inference == 'surrogate':     # forward: exactly W_ase[pred]; backward: softmax rows
+                soft = logits.float().softmax(1) @ w.float()
+                scale = scale + (soft - soft.detach()).to(scale.dtype)
         else:
             scale = alpha * w[y] + (1 - alpha) * w[y_fake]           # Eq. (4)
         return a * scale[:, :, None, None].to(a.dtype), logits
@@ -97,9 +112,11 @@ class StagedNet(nn.Module):
             raise ValueError(f"{type(self).__name__} does not classify globally average-pooled maps")
         return self.feature_maps(x)
 
-    def forward_heads(self, x, y=None, y_fake=None, alpha=0.6, transform=None, transform_index=None):
+    def forward_heads(self, x, y=None, y_fake=None, alpha=0.6, transform=None, transform_index=None,
+                      ase_inference='argmax'):
         """(main logits, ASE logits or None). With ``y``/``y_fake`` the ASE head uses its
-        training weighting (Eq. (4)), without them its inference weighting. ``transform``
+        training weighting (Eq. (4)), without them its inference weighting (``ase_inference``:
+        see ASEHead). ``transform``
         (e.g. AGAIN's HFF) is applied to the maps of stage ``transform_index`` (default: the
         ASE stage) before the ASE head sees them; the model knows nothing of what it does."""
         if transform_index is None:
@@ -110,7 +127,7 @@ class StagedNet(nn.Module):
             if i == transform_index and transform is not None:
                 x = transform(x)
             if i == self.ase_index:
-                x, ase_logits = self.ase(x, y, y_fake, alpha)
+                x, ase_logits = self.ase(x, y, y_fake, alpha, ase_inference)
         return self.fc(self.pool(x)), ase_logits
 
 

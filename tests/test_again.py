@@ -171,15 +171,17 @@ def test_end_to_end_variants_and_adaptive_eval(data_dir, tmp_path):
     js = tmp_path / 'e.json'
     proc = run_ok('eval.py', '--ckpt', tmp_path / 'at' / 'last.pt', tmp_path / 'no_ase' / 'last.pt',
                   tmp_path / 'mnist' / 'last.pt', '--data-dir', data_dir, '--test-size', '32', '--json', js)
-    assert 'PGD-20 worst' in proc.stdout
+    assert 'PGD-20 (BPDA)' in proc.stdout and '| worst' in proc.stdout
     rows = json.loads(js.read_text())['rows']
+    for r in rows:      # the worst case is at or below every attack of the row
+        accs = [v for k, v in r.items() if k.endswith('_acc') and k != 'worst_acc' and not k.startswith('ase_')]
+        assert len(accs) >= 4 and r['worst_acc'] <= min(accs) + 1e-9, r
     for r in (rows[0], rows[2]):
-        assert r['pgd20_worst_acc'] <= r['pgd20_acc'] + 1e-9
-        assert r['pgd20_worst_acc'] <= r['pgd20_both_acc'] + 1e-9
-    assert 'pgd20_worst_acc' not in rows[1]             # no ASE head: no adaptive column
+        assert 'pgd20_both_acc' in r and 'pgd20_bpda_acc' in r
+    assert 'pgd20_bpda_acc' not in rows[1]             # no ASE head: no adaptive columns
     assert 'main = ASE' in proc.stdout                  # the ASE diagnostics, for ASE heads only
     assert all(k in rows[0] and k in rows[2] and k not in rows[1]
-               for k in ('ase_head_acc', 'ase_agreement', 'ase_oracle_acc'))
+               for k in ('ase_head_acc', 'ase_agreement', 'ase_oracle_acc', 'ase_unscaled_acc'))
     # 8x8 inputs leave conv 5 with 1x1 maps, where HFF's per-channel std does not exist
     proc = run_script('train_again.py', '--data-dir', data_dir, '--out', tmp_path / 'bad', *QUICK,
                       '--image-size', '8')
@@ -226,4 +228,38 @@ def test_ase_diagnostics_on_a_hand_built_model():
     # logits (3,0,0), (0,3,0), (0,0,-3), (0,0,-3) -> 0, 1, 0, 0: equal to ASE's on 2 of 4;
     # scaled by e_y: (3,0,0), (0,3,0), (0,0,-3), (1,0,0) -> 0, 1, 0, 0: right on 3 of 4
     got = evaluation.ase_diagnostics(Tiny().eval(), common.Split(x, y), batch_size=3)
-    assert got == {'ase_head_acc': 75.0, 'ase_agreement': 50.0, 'ase_oracle_acc': 75.0}
+    # unscaled maps: main logits (3,1,-1), (1,3,-1), (1,1,-3), (1,1,-3) -> 0, 1, 0, 0: 3 of 4
+    assert got == {'ase_head_acc': 75.0, 'ase_agreement': 50.0, 'ase_oracle_acc': 75.0,
+                   'ase_unscaled_acc': 75.0}
+
+
+def test_bpda_surrogate_keeps_the_forward_and_lets_the_gradient_through_the_argmax():
+    torch.manual_seed(0)
+    model = models.build('cnn_b', 10, 1, width=0.125, ase_layer=5).eval()
+    with torch.no_grad():   # rows that differ as a trained head's do (at init they are all small)
+        model.ase.fc.weight.mul_(20)
+    x = torch.rand(16, 1, 32, 32)
+    y = torch.randint(0, 10, (16,))
+    captured = {}
+    model.ase.fc.register_forward_hook(lambda m, i, out: captured.__setitem__('logits', out))
+
+    def grads(inference):
+        xg = x.clone().requires_grad_(True)
+        logits, _ = model.forward_heads(xg, ase_inference=inference)
+        captured['logits'].retain_grad()
+        F.cross_entropy(logits, y).backward()
+        return logits.detach(), xg.grad, captured['logits'].grad
+    hard, gx_hard, g_ase_hard = grads('argmax')
+    soft, gx_soft, g_ase_soft = grads('surrogate')
+    assert torch.equal(hard, soft) and torch.equal(hard, model(x))      # forward unchanged
+    # through the argmax the main loss does not depend on the ASE logits; through the surrogate it does
+    assert g_ase_hard is None or not g_ase_hard.any()
+    assert g_ase_soft is not None and g_ase_soft.abs().sum() > 0
+    assert (gx_hard - gx_soft).norm() > 1e-3 * gx_hard.norm()        # so the input gradient changes
+    none, _ = model.forward_heads(x, ase_inference='none')
+    assert not torch.allclose(none, hard)
+    try:
+        model.forward_heads(x, ase_inference='soft')
+        raise AssertionError('an unknown inference mode was accepted')
+    except ValueError as e:
+        assert 'surrogate' in str(e)

@@ -1,3 +1,6 @@
+import copy
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -11,7 +14,15 @@ def tiny_model(seed=0):
 
 
 def trained_model():
-    """A tiny cnn_b fitted for a few steps to a learnable synthetic problem."""
+    """A tiny cnn_b fitted for a few steps to a learnable synthetic problem (fitted once per
+    session; every call gets its own copy)."""
+    model, x, y, rng = _trained_model()
+    torch.set_rng_state(rng)            # the generator's state as a fresh fit would leave it
+    return copy.deepcopy(model), x.clone(), y.clone()
+
+
+@functools.lru_cache(maxsize=1)
+def _trained_model():
     from conftest import synthetic_images
     x, y = synthetic_images(256, 32, 1, 10, seed=5)
     x = torch.tensor(x).permute(0, 3, 1, 2).float() / 255
@@ -22,7 +33,7 @@ def trained_model():
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
-    return model.eval(), x[:64], y[:64]
+    return model.eval(), x[:64], y[:64], torch.get_rng_state()
 
 
 def test_pgd_stays_in_ball_and_box_and_increases_loss():

@@ -3,6 +3,7 @@ valid weights, and the gradient-masking sanity checks."""
 import argparse
 import json
 
+import pytest
 import torch
 from PIL import Image
 
@@ -65,7 +66,7 @@ def test_valid_weights_on_a_hand_made_fc():
 
 
 def sanity_args():
-    return argparse.Namespace(seed=0, batch_size=128, transfer_from=None)
+    return argparse.Namespace(seed=0, batch_size=128, transfer_from=None, square_queries=500)
 
 
 def synthetic_split(n=64):
@@ -94,15 +95,18 @@ def test_sanity_is_silent_on_an_honest_model_and_warns_on_a_masking_one():
     masked = evaluation.measure_sanity(Rounding(model).eval(), split, 0.1, sanity_args(), torch.device('cpu'))
     warnings = evaluation.sanity_warnings(masked, len(split))
     assert any('unbounded attack' in w for w in warnings), masked
+    # zero input gradients: Square still attacks what PGD cannot
+    assert masked['square'] < masked['pgd10'] and any('gradient-free' in w for w in warnings), masked
 
 
 def test_each_sanity_warning_can_fire():
     base = {'pgd10': 40.0, 'pgd100': 39.0, 'pgd10_restarts4': 38.0, 'pgd10_other_seed': 40.0,
-            'eps1': 0.0, 'noise': 80.0, 'transfer': 60.0}
+            'eps1': 0.0, 'noise': 80.0, 'transfer': 60.0, 'square': 45.0}
     assert evaluation.sanity_warnings(base, 1000) == []
-    cases = {'pgd100': 45.0, 'pgd10_restarts4': 45.0, 'eps1': 20.0, 'noise': 30.0, 'transfer': 30.0}
+    cases = {'pgd100': 45.0, 'pgd10_restarts4': 45.0, 'eps1': 20.0, 'noise': 30.0, 'transfer': 30.0,
+             'square': 30.0}
     words = {'pgd100': 'more PGD steps', 'pgd10_restarts4': 'more restarts', 'eps1': 'unbounded',
-             'noise': 'random noise', 'transfer': 'transfer attack'}
+             'noise': 'random noise', 'transfer': 'transfer attack', 'square': 'gradient-free'}
     for key, value in cases.items():
         warnings = evaluation.sanity_warnings(dict(base, **{key: value}), 1000)
         assert len(warnings) == 1 and words[key] in warnings[0], (key, warnings)
@@ -117,7 +121,7 @@ def test_all_analyses_from_the_command_line(data_dir, tmp_path):
     proc = run_ok('eval.py', '--ckpt', a, b, '--data-dir', data_dir, '--test-size', '16', '--n-images', '5',
                   '--no-table', '--shift', '4', '--grad-maps', pics['grad'], '--grad-signs', pics['signs'],
                   '--gradmap-classifier', b, '--asc', '--cam', pics['cam'], '--valid-weights',
-                  '--sanity', '--transfer-from', b, '--json', js)
+                  '--sanity', '--square-queries', '200', '--transfer-from', b, '--json', js)
     out = proc.stdout
     assert 'nat N(L)' in out and 'gradmap (clipped)' in out and 'ASC' in out and 'valid weights' in out
     assert out.count('sanity ') == 2
@@ -141,3 +145,40 @@ def test_all_analyses_from_the_command_line(data_dir, tmp_path):
     assert proc.returncode != 0 and 'class activation maps need' in proc.stderr and 'Traceback' not in proc.stderr
     proc = run_script('eval.py', '--ckpt', a, '--sign-thresholds', 'a,b')
     assert proc.returncode != 0 and '--sign-thresholds' in proc.stderr
+
+
+def test_autoattack_breakdown_follows_the_cascade_and_shows_square_beating_masked_gradients():
+    from test_attacks import trained_model
+    model, _, _ = trained_model()
+    split = synthetic_split(16)
+    masked = Rounding(model).eval()
+    correct, breakdown, warnings = evaluation.autoattack(masked, split, 0.1, torch.device('cpu'), 0, 128,
+                                                         square_queries=300)
+    assert list(breakdown) == ['clean', 'apgd-ce', 'apgd-t', 'fab-t', 'square'], breakdown
+    values = list(breakdown.values())
+    assert all(a >= b for a, b in zip(values, values[1:])), breakdown       # a cascade only falls
+    assert breakdown['square'] == pytest.approx(100.0 * correct.sum().item() / len(split))
+    with torch.no_grad():
+        clean = (masked(common.to_float(split.x)).argmax(1) == split.y).float().mean().item() * 100
+    assert breakdown['clean'] == pytest.approx(clean)
+    # zero input gradients: the gradient attacks leave the rounding model alone, Square does not,
+    # and AutoAttack's own check says so
+    assert breakdown['square'] < breakdown['fab-t'] and warnings, (breakdown, warnings)
+    # a subset runs only those attacks, with the version's settings
+    _, sub, _ = evaluation.autoattack(model, split, 0.1, torch.device('cpu'), 0, 128, attacks=['apgd-ce'])
+    assert list(sub) == ['clean', 'apgd-ce']
+
+
+def test_autoattack_flags_and_table(data_dir, tmp_path):
+    run_ok('train_at.py', '--data-dir', data_dir, '--out', tmp_path / 'at', *QUICK)
+    ckpt, js = tmp_path / 'at' / 'last.pt', tmp_path / 'aa.json'
+    proc = run_ok('eval.py', '--ckpt', ckpt, '--data-dir', data_dir, '--test-size', '16', '--autoattack',
+                  '--aa-attacks', 'apgd-ce', '--json', js)
+    assert 'after APGD-CE' in proc.stdout and 'after APGD-T' not in proc.stdout
+    row = json.loads(js.read_text())['rows'][0]
+    assert row['autoattack_breakdown']['apgd-ce'] == pytest.approx(row['autoattack_acc'])
+    assert row['worst_acc'] <= min(row['autoattack_acc'], row['pgd20_acc'], row['natural_acc'])
+    for bad, words in [(['--autoattack', '--aa-attacks', 'square,bogus'], 'bogus'),
+                       (['--autoattack', '--autoattack-version', 'rand', '--aa-attacks', 'square'], 'rand')]:
+        proc = run_script('eval.py', '--ckpt', ckpt, '--data-dir', data_dir, *bad)
+        assert proc.returncode != 0 and words in proc.stderr and 'Traceback' not in proc.stderr, proc.stderr
