@@ -34,8 +34,9 @@ def pgd(model, x, y, eps, steps, step_size, random_start=False, loss='ce', x_ini
       is restored afterwards.
     - Gradients are taken with respect to the input only (torch.autograd.grad): no parameter's
       ``.grad`` is touched.
-    - ``random_start``: start from x + U(-eps, eps) (Madry et al.); ``x_init``: start from a
-      given point instead (TRADES starts from x + 0.001 * N(0, 1)).
+    - ``random_start``: start from x + U(-eps, eps) (Madry et al.), projected; ``x_init``: start
+      from a given point instead, used as given for the first gradient (TRADES Algorithm 1 starts
+      from x + 0.001 * N(0, 1) and projects only after its first step).
     - Returns a detached tensor; with eps == 0 or steps == 0 it returns x (detached).
     - Works inside a CUDA autocast context: the loss is read in float32, x_adv stays float32.
     """
@@ -46,12 +47,13 @@ def pgd(model, x, y, eps, steps, step_size, random_start=False, loss='ce', x_ini
     model.eval()
     try:
         if x_init is not None:
-            x_adv = x_init.detach().clone()
-        elif random_start:
-            x_adv = x + torch.empty_like(x).uniform_(-eps, eps)
-        else:
-            x_adv = x.clone()
-        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
+            x_adv = x_init.detach().clone()          # as given: TRADES Alg. 1 takes its first
+        else:                                        # gradient at x + 0.001 N(0, I), unclamped
+            if random_start:
+                x_adv = x + torch.empty_like(x).uniform_(-eps, eps)
+            else:
+                x_adv = x.clone()
+            x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
         for _ in range(steps):
             x_adv.requires_grad_(True)
             with torch.enable_grad():

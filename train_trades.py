@@ -11,7 +11,11 @@
   ``criterion_kl(log_softmax(model(x_adv)), softmax(model(x_natural)))`` does not detach the
   clean side). Here x and x' go through the network in two forward passes, and the clean
   logits serve both the CE and the KL term (the reference calls model(x_natural) twice, which
-  gives the same loss).
+  gives the same loss and gradients; only BatchNorm's running statistics, which it updates once
+  more with the clean batch, differ). The attack takes its first gradient at the unclamped
+  x + 0.001 * N(0, 1), as Algorithm 1 and the reference code do; ``tests/test_jt_trades.py``
+  checks a whole step against Algorithm 1 written out independently (a clamped start, which
+  this script used before, fails it).
 - ``--beta`` is the lambda of AELF Eq. (5) (AELF Tables 3/4 use 1, 2, 3 and 6): default 6 on
   CIFAR and 1 on MNIST, as in the TRADES paper.
 - The attack budget is the AELF protocol's (the same PGD as train_at.py: MNIST

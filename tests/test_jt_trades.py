@@ -1,4 +1,6 @@
 """JT / JT* (AELF Eq. (4), Table 3) and TRADES (AELF Eq. (5))."""
+import copy
+
 import torch
 import torch.nn.functional as F
 
@@ -156,3 +158,42 @@ def test_jt_and_trades_beat_st_robustness(real_st_run, tmp_path):
         run_ok(script, '--out', out, *REAL_SMALL)
         m = final_metrics(out)
         assert m['test_adv'] >= st['test_adv'] + 10.0, (script, m, st)
+
+
+def algorithm_1_step(model, x, y, eps, steps, step_size, beta, noise):
+    """One training step of the TRADES paper's Algorithm 1, written out independently of
+    train_trades.py: x' = x + 0.001 N(0, I) used as is; K steps of x' <- Pi(x' + eta sign(grad of
+    KL(f(x) || f(x')) summed)) in eval mode, Pi = the eps-ball, then [0, 1]; then in train mode
+    CE(f(x), y) + beta * KL summed over classes / batch, with f(x) not detached."""
+    model.eval()
+    x_adv = x + 0.001 * noise
+    for _ in range(steps):
+        x_adv = x_adv.detach().requires_grad_(True)
+        kl = F.kl_div(F.log_softmax(model(x_adv), 1), F.softmax(model(x), 1), reduction='sum')
+        (grad,) = torch.autograd.grad(kl, x_adv)
+        x_adv = torch.min(torch.max(x_adv.detach() + step_size * grad.sign(), x - eps), x + eps).clamp(0, 1)
+    model.train()
+    logits = model(x)
+    kl = F.kl_div(F.log_softmax(model(x_adv), 1), F.softmax(model(x), 1), reduction='sum') / len(x)
+    return x_adv, F.cross_entropy(logits, y) + beta * kl
+
+
+def test_trades_step_equals_algorithm_1_written_independently():
+    model, x, y = tiny_trained()
+    x = x.clone()
+    x[:, :, :4] = 0.0              # black borders (as in MNIST): the start's noise leaves [0, 1] there
+    torch.manual_seed(3)
+    noise = torch.randn_like(x)
+    ref_model = copy.deepcopy(model)
+    ref_x_adv, ref_loss = algorithm_1_step(ref_model, x, y, 0.1, 5, 0.02, 6.0, noise)
+    ref_grads = torch.autograd.grad(ref_loss, list(ref_model.parameters()))
+    torch.manual_seed(3)           # trades_attack draws the same noise
+    model.train()
+    x_adv = train_trades.trades_attack(model, x, y, 0.1, 5, 0.02, 0.001)
+    assert model.training                                   # the attack restores train mode
+    assert torch.allclose(x_adv, ref_x_adv, atol=1e-6), (x_adv - ref_x_adv).abs().max()
+    loss, _ = train_trades.trades_loss(model, x, x_adv, y, 6.0)
+    assert torch.allclose(loss, ref_loss, atol=1e-5)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    for g, r in zip(grads, ref_grads):
+        assert torch.allclose(g, r, atol=1e-5, rtol=1e-4)
