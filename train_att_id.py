@@ -17,8 +17,9 @@ Reading of the paper, where it leaves room:
 - The regulariser's gradient flows through both G(x) and G(x') (Eq. (6), Fig. 2: the two
   branches are one network with shared parameters): unlike AELF, the clean features are not a
   constant target.
-- ||.||_2 is the per-sample l2 norm, averaged over the batch. x and x' go through the network
-  in two forward passes (the two copies of Fig. 2).
+- ||.||_2 is the per-sample l2 norm, not squared ("the Euclidean distance between the two sets
+  of attention features", Sec. 3 and Fig. 2), averaged over the batch (the expectation of
+  Eq. (7)). x and x' go through the network in two forward passes (the two copies of Fig. 2).
 - lambda: 0.01 on MNIST (Sec. 4.1), 0.1 for AT-id and 0.01 for AT-att-id on CIFAR-10
   (Sec. 4.2), 0 for AT-att.
 - Attack: MNIST PGD eps 0.3, 40 steps of 0.01 (Madry et al.); CIFAR-10 PGD eps 8/255, 5 steps

@@ -57,6 +57,10 @@ def test_id_loss_is_eq_7_and_reaches_both_branches():
     g, g_adv = model.features(x), model.features(x_adv)
     expected = F.cross_entropy(model.fc(g_adv), y) + 0.1 * (g - g_adv).norm(dim=1).mean()
     assert torch.allclose(loss, expected, atol=1e-5)
+    # and not the other readings of Eq. (7): squared, or the norm of the whole batch's difference
+    ce = F.cross_entropy(model.fc(g_adv), y)
+    for other in (ce + 0.1 * (g - g_adv).pow(2).sum(1).mean(), ce + 0.1 * (g - g_adv).norm()):
+        assert not torch.allclose(loss, other, atol=1e-3), (loss, other)
     # gradient reaches the clean and the adversarial branch: d loss / d x and d loss / d x'
     xc, xa = x.clone().requires_grad_(True), x_adv.clone().requires_grad_(True)
     loss, _ = train_att_id.att_id_loss(model, xc, xa, y, 0.1)
