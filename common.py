@@ -7,11 +7,13 @@ slices of it, converted to float in [0, 1] (and, for CIFAR, randomly cropped and
 device. There is no DataLoader and no per-sample Python in the hot loop.
 """
 import argparse
+import atexit
 import functools
 import json
 import math
 import os
 import pickle
+import socket
 import sys
 import time
 from contextlib import nullcontext
@@ -527,8 +529,27 @@ def save_checkpoint(path, model, args, epoch, optimizer=None, metrics=None, fini
     os.replace(tmp, path)
 
 
+def resolve_checkpoint(path):
+    """A checkpoint file for ``path``: the path itself, or for a run folder its best.pt (else its
+    last.pt), said in one line; a folder without either is listed in the error."""
+    path = str(path)
+    if not os.path.isdir(path):
+        return path
+    for name in ('best.pt', 'last.pt'):
+        candidate = os.path.join(path, name)
+        if os.path.isfile(candidate):
+            print(f"note: {path} is a run folder: using {candidate}", file=sys.stderr, flush=True)
+            return candidate
+    held = sorted(n for n in os.listdir(path) if n != FolderLock.NAME)
+    raise UserError(f"{path} is a folder without best.pt or last.pt (it holds: "
+                    f"{', '.join(held[:12]) + (' ...' if len(held) > 12 else '') if held else 'nothing'}); "
+                    f"pass a checkpoint file")
+
+
 def load_checkpoint(path):
-    """Read a checkpoint written by ``save_checkpoint`` (on CPU); one-line errors otherwise."""
+    """Read a checkpoint written by ``save_checkpoint`` (on CPU); one-line errors otherwise.
+    A run folder stands for its best.pt (see resolve_checkpoint)."""
+    path = resolve_checkpoint(path)
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path!r} does not exist")
     try:
@@ -577,7 +598,8 @@ class Run:
 
     A folder that holds a checkpoint is never silently replaced: without --resume or
     --overwrite the run stops with one line. --resume continues from last.pt (RNG is re-seeded
-    per epoch, so the result equals an uninterrupted run)."""
+    per epoch, so the result equals an uninterrupted run). A run holds the folder's lock (see
+    FolderLock) for its whole life, so a second run on the same folder stops at once."""
 
     def __init__(self, args, script):
         self.args, self.script = args, script
@@ -588,12 +610,15 @@ class Run:
         self.log_path = os.path.join(self.dir, 'log.jsonl')
         self.resume_ckpt = None
         self.best_score = None
+        os.makedirs(self.dir, exist_ok=True)
+        self.lock = FolderLock(self.dir)      # before anything in the folder is read or removed
         if os.path.exists(self.last):
             ckpt = load_checkpoint(self.last)
             state = 'a finished run' if ckpt.get('finished') else f"a run stopped after epoch {ckpt['epoch']}"
             if args.resume:
                 self.resume_ckpt = ckpt
                 self.best_score = ckpt.get('best_score')
+                self._trim_log(ckpt['epoch'])
             elif args.overwrite:
                 for p in (self.last, self.best, self.log_path, os.path.join(self.dir, 'final.json')):
                     if os.path.exists(p):
@@ -603,8 +628,27 @@ class Run:
                                 f"--overwrite to start again, or --out to use another folder")
         elif args.resume:
             raise UserError(f"nothing to resume: {self.last} does not exist")
-        os.makedirs(self.dir, exist_ok=True)
         self.start = time.time()
+
+    def _trim_log(self, epoch):
+        """Drop log lines of epochs after the checkpoint's (a run killed between writing an
+        epoch's line and its checkpoint would otherwise log that epoch twice after --resume)."""
+        if not os.path.exists(self.log_path):
+            return
+        with open(self.log_path) as f:
+            lines = f.readlines()
+        keep = []
+        for line in lines:
+            try:
+                if json.loads(line)['epoch'] <= epoch:
+                    keep.append(line)
+            except (ValueError, KeyError, TypeError):
+                pass                      # a line cut short by the kill
+        if len(keep) != len(lines):
+            tmp = f"{self.log_path}.tmp{os.getpid()}"
+            with open(tmp, 'w') as f:
+                f.writelines(keep)
+            os.replace(tmp, self.log_path)
 
     @property
     def start_epoch(self):
@@ -660,6 +704,68 @@ class Run:
         print(f"done in {format_seconds(time.time() - self.start)}: " +
               ', '.join(f"{k} {v:.2f}%" for k, v in metrics.items() if isinstance(v, float)) +
               f" -> {self.dir}", flush=True)
+
+
+class FolderLock:
+    """An exclusive lock on a run folder for the life of this process: ``<dir>/.lock``, locked
+    with flock (taken atomically by the kernel and released by it when the process ends, even
+    after kill -9) and holding the owner's pid, host and start time. A second process stops at
+    once with one line naming the owner; a lock file left by a process that is gone is taken
+    over with one line saying so. The file is removed when this process exits normally."""
+
+    NAME = '.lock'
+
+    def __init__(self, folder):
+        import fcntl
+        self.path = os.path.join(folder, self.NAME)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = self._read(fd)
+                os.close(fd)
+                raise UserError(f"{folder} is in use by another run ({owner}): wait for it to end "
+                                f"or use another --out") from None
+            try:   # the file we locked must still be the one at the path (not unlinked meanwhile)
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        previous = self._read(fd)
+        if previous:
+            print(f"note: {folder} had a lock of a run that is gone ({previous}); taking it over",
+                  flush=True)
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({'pid': os.getpid(), 'host': socket.gethostname(),
+                                 'started': time.strftime('%Y-%m-%d %H:%M:%S')}).encode())
+        os.fsync(fd)
+        self.fd = fd
+        atexit.register(self.release)
+
+    @staticmethod
+    def _read(fd):
+        os.lseek(fd, 0, os.SEEK_SET)
+        raw = os.read(fd, 4096).decode(errors='replace').strip()
+        if not raw:
+            return ''
+        try:
+            info = json.loads(raw)
+            return f"process {info['pid']} on {info['host']}, started {info['started']}"
+        except (ValueError, KeyError, TypeError):
+            return raw[:200]
+
+    def release(self):
+        if self.fd is None:
+            return
+        try:
+            os.unlink(self.path)           # unlink while holding the lock, then let it go
+        except FileNotFoundError:
+            pass
+        os.close(self.fd)
+        self.fd = None
 
 
 class Progress:

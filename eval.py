@@ -41,7 +41,8 @@ from attacks import pgd
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('--ckpt', nargs='+', required=True, help='checkpoint files (.pt)')
+    p.add_argument('--ckpt', nargs='+', required=True,
+                   help='checkpoint files (.pt), or run folders (their best.pt)')
     p.add_argument('--data-dir', help="torchvision root (default: the checkpoint's --data-dir)")
     p.add_argument('--test-size', type=int, help='first N test images (default: all)')
     p.add_argument('--batch-size', type=int, default=500)
@@ -599,6 +600,11 @@ def attention_maps_png(paths, args, device, filename):
 @common.main_guard
 def main(argv=None):
     args = parse_args(argv)
+    # a run folder stands for its best.pt (one line says so, once)
+    args.ckpt = [common.resolve_checkpoint(p) for p in args.ckpt]
+    for name in ('transfer_from', 'gradmap_classifier'):
+        if getattr(args, name):
+            setattr(args, name, common.resolve_checkpoint(getattr(args, name)))
     device = common.get_device(args.device)
     rows = [evaluate(path, args, device) for path in args.ckpt]
     if not args.no_table:

@@ -1,10 +1,15 @@
 """End-to-end runs of train_at.py and eval.py on synthetic data, and the one-line errors."""
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import torch
 
 import common
-from conftest import QUICK, read_log, run_ok, run_script
+from conftest import OFFLINE_ENV, QUICK, ROOT, read_log, run_ok, run_script
 
 
 def test_at_and_st_write_run_folder_and_eval_reads_it(data_dir, tmp_path):
@@ -23,28 +28,17 @@ def test_at_and_st_write_run_folder_and_eval_reads_it(data_dir, tmp_path):
     assert ckpt['finished'] and ckpt['epoch'] == 1 and ckpt['script'] == 'at'
     assert ckpt['args']['steps'] == 2 and ckpt['args']['eps'] == 0.3   # protocol eps kept
     js = tmp_path / 'eval.json'
-    proc = run_ok('eval.py', '--ckpt', out_at / 'last.pt', out_st / 'best.pt', '--data-dir', data_dir,
+    # a run folder (out_st) stands for its best.pt, said in one line
+    proc = run_ok('eval.py', '--ckpt', out_at / 'last.pt', out_st, '--data-dir', data_dir,
                   '--test-size', '16', '--json', js, '--device', 'cpu', '--pgd', '0.1', '3', '0.05')
     rows_printed = [l for l in proc.stdout.splitlines() if l.startswith('| ') and '.pt' in l]
     assert len(rows_printed) == 2 and 'PGD-20' in proc.stdout
+    assert proc.stderr.count(f"{out_st} is a run folder: using {out_st / 'best.pt'}") == 1, proc.stderr
     rows = json.loads(js.read_text())['rows']
     assert len(rows) == 2 and all(r['test_images'] == 16 for r in rows)
     for r in rows:
         assert r['pgd20_acc'] <= r['natural_acc'] + 1e-6
         assert 'pgd(0.1,3,0.05)_acc' in r
-
-
-def test_resume_equals_uninterrupted_run(data_dir, tmp_path):
-    base = [*QUICK[:-8], '--batch-size', '32', '--train-size', '64', '--test-size', '16',
-            '--device', 'cpu', '--data-dir', data_dir]
-    run_ok('train_at.py', *base, '--epochs', '2', '--out', tmp_path / 'full')
-    run_ok('train_at.py', *base, '--epochs', '1', '--out', tmp_path / 'part')
-    proc = run_ok('train_at.py', *base, '--epochs', '2', '--out', tmp_path / 'part', '--resume')
-    assert 'resuming' in proc.stdout
-    a = common.load_checkpoint(str(tmp_path / 'full' / 'last.pt'))['state_dict']
-    b = common.load_checkpoint(str(tmp_path / 'part' / 'last.pt'))['state_dict']
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert len(read_log(tmp_path / 'part')) == 2
 
 
 def test_finished_run_is_never_silently_overwritten(data_dir, tmp_path):
@@ -106,3 +100,92 @@ def test_every_script_prints_its_help():
                    'train_again.py', 'train_att_id.py', 'eval.py'):
         proc = run_script(script, '--help')
         assert proc.returncode == 0 and 'usage:' in proc.stdout, (script, proc.stderr[-500:])
+
+
+def _start(script, *args):
+    env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1', **OFFLINE_ENV)
+    return subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(path, proc, seconds=120):
+    t0 = time.time()
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - t0 < seconds, f'{path} never appeared'
+        time.sleep(0.05)
+
+
+def test_two_runs_on_one_folder_the_second_stops_at_once(data_dir, tmp_path):
+    out = tmp_path / 'x'
+    args = ['--data-dir', data_dir, '--out', out, *QUICK[:-10], '--epochs', '40', '--batch-size', '32',
+            '--train-size', '128', '--test-size', '16', '--eval-size', '16', '--device', 'cpu']
+    first = _start('train_at.py', *args)
+    _wait_for(out / '.lock', first)
+    # a second run (another seed), and --resume / --overwrite on the same folder, while it runs
+    others = [_start('train_at.py', *args, *extra) for extra in (['--seed', '9'], ['--resume'], ['--overwrite'])]
+    for proc in others:
+        _, stderr = proc.communicate(timeout=120)
+        line = stderr.strip()
+        assert proc.returncode != 0 and 'in use by another run' in line, line
+        assert f'process {first.pid}' in line and '\n' not in line, line
+    assert first.poll() is None, 'the first run ended before the others tried: give it more epochs'
+    _, stderr = first.communicate(timeout=600)
+    assert first.returncode == 0, stderr
+    log = read_log(out)
+    assert [r['epoch'] for r in log] == list(range(1, 41))     # only the first run's lines
+    assert common.load_checkpoint(str(out / 'last.pt'))['args']['seed'] == 8
+    assert not (out / '.lock').exists()                        # released at the end
+
+
+def test_a_stale_lock_is_taken_over_with_one_line(data_dir, tmp_path):
+    out = tmp_path / 'x'
+    out.mkdir()
+    gone = subprocess.Popen([sys.executable, '-c', 'pass'])
+    gone.wait()
+    (out / '.lock').write_text(json.dumps({'pid': gone.pid, 'host': 'here', 'started': 'earlier'}))
+    proc = run_ok('train_at.py', '--data-dir', data_dir, '--out', out, *QUICK)
+    notes = [l for l in proc.stdout.splitlines() if 'had a lock' in l or 'taking it over' in l]
+    assert len(notes) == 1 and f'process {gone.pid}' in notes[0] and 'taking it over' in notes[0], proc.stdout
+
+
+def test_resume_after_kill_9_equals_an_uninterrupted_run(data_dir, tmp_path):
+    base = [*QUICK[:-8], '--batch-size', '32', '--train-size', '256', '--test-size', '16',
+            '--eval-size', '16', '--device', 'cpu', '--data-dir', data_dir, '--epochs', '8']
+    run_ok('train_at.py', *base, '--out', tmp_path / 'full')
+    killed = _start('train_at.py', *base, '--out', tmp_path / 'part')
+    _wait_for(tmp_path / 'part' / 'last.pt', killed)            # written atomically (os.replace)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    epoch = common.load_checkpoint(str(tmp_path / 'part' / 'last.pt'))['epoch']
+    assert epoch < 8, 'the run ended before it could be killed: give it more epochs'
+    assert (tmp_path / 'part' / '.lock').exists()              # a kill -9 leaves the file
+    proc = run_ok('train_at.py', *base, '--out', tmp_path / 'part', '--resume')
+    assert 'taking it over' in proc.stdout and 'resuming' in proc.stdout
+    a = common.load_checkpoint(str(tmp_path / 'full' / 'last.pt'))['state_dict']
+    b = common.load_checkpoint(str(tmp_path / 'part' / 'last.pt'))['state_dict']
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r['epoch'] for r in read_log(tmp_path / 'part')] == list(range(1, 9))
+
+
+def test_resume_drops_log_lines_of_epochs_without_a_checkpoint(tmp_path):
+    import argparse
+    out = tmp_path / 'r'
+    out.mkdir()
+    args = argparse.Namespace(out=str(out), resume=False, overwrite=False, dataset='mnist', model='cnn_b', seed=8)
+    run = common.Run(args, 'at')
+    model = common.prepare_model(common.models.build('cnn_b', 10, 1, width=0.125), 'cpu')
+    run.save(model, 1, {}, {}, score=1.0)
+    with open(out / 'log.jsonl', 'w') as f:   # epoch 2's line was written, its checkpoint not
+        f.write(json.dumps({'epoch': 1}) + '\n' + json.dumps({'epoch': 2}) + '\n' + '{"epo')
+    run.lock.release()
+    common.Run(argparse.Namespace(**{**vars(args), 'resume': True}), 'at')
+    assert [r['epoch'] for r in read_log(out)] == [1]
+
+
+def test_eval_lists_a_folder_without_checkpoints(data_dir, tmp_path):
+    (tmp_path / 'empty').mkdir()
+    (tmp_path / 'empty' / 'notes.txt').write_text('')
+    proc = run_script('eval.py', '--ckpt', tmp_path / 'empty', '--data-dir', data_dir)
+    assert proc.returncode != 0 and 'without best.pt or last.pt' in proc.stderr and 'notes.txt' in proc.stderr
+    assert 'Traceback' not in proc.stderr
