@@ -99,13 +99,41 @@ def test_sanity_is_silent_on_an_honest_model_and_warns_on_a_masking_one():
     assert masked['square'] < masked['pgd10'] and any('gradient-free' in w for w in warnings), masked
 
 
+class RestartTrap(torch.nn.Module):
+    """Built to break the restarts check. It reads one pixel, t = x[0, 0, 0] - 0.5 (0 on the
+    clean images, all of class 0). Left of the clean value (t <= 0) its logits are flat with class
+    0 barely ahead: correct, with cross-entropy near ln 10, rising as t falls. Right of it class 1
+    is barely ahead: wrong, with cross-entropy about 0.9, rising as t grows. PGD from a random
+    start stays on its start's side, so one restart is wrong on about half the images, while the
+    highest-loss of four restarts is the flat, correct one whenever any start fell left."""
+
+    def forward(self, x):
+        t = x[:, 0, 0, 0].float() - 0.5
+        left = torch.zeros(len(x), 10)
+        left[:, 0] = 0.01 + 0.1 * (t + 0.3)
+        right = torch.full((len(x), 10), -10.0)
+        right[:, 0] = 0.0
+        right[:, 1] = 0.2 + t
+        return torch.where((t <= 0)[:, None], left, right)
+
+
+def test_the_restarts_check_fires_on_a_model_built_to_break_it():
+    x = torch.full((64, 1, 8, 8), 128, dtype=torch.uint8)          # 128 / 255: t = 0.002
+    x[:, 0, 0, 0] = 127                                            # t = -0.002: clean and correct
+    split = common.Split(x, torch.zeros(64, dtype=torch.long))
+    m = evaluation.measure_sanity(RestartTrap().eval(), split, 0.3, sanity_args(), torch.device('cpu'))
+    assert m['pgd10_restarts4'] > max(m['pgd10'], m['pgd10_other_seed']) + 20, m
+    assert any('more restarts raised accuracy' in w for w in evaluation.sanity_warnings(m, len(split)))
+
+
 def test_each_sanity_warning_can_fire():
     base = {'pgd10': 40.0, 'pgd100': 39.0, 'pgd10_restarts4': 38.0, 'pgd10_other_seed': 40.0,
-            'eps1': 0.0, 'noise': 80.0, 'transfer': 60.0, 'square': 45.0}
+            'pgd10_2eps': 10.0, 'eps1': 0.0, 'noise': 80.0, 'transfer': 60.0, 'square': 45.0}
     assert evaluation.sanity_warnings(base, 1000) == []
-    cases = {'pgd100': 45.0, 'pgd10_restarts4': 45.0, 'eps1': 20.0, 'noise': 30.0, 'transfer': 30.0,
-             'square': 30.0}
-    words = {'pgd100': 'more PGD steps', 'pgd10_restarts4': 'more restarts', 'eps1': 'unbounded',
+    cases = {'pgd100': 45.0, 'pgd10_restarts4': 45.0, 'pgd10_2eps': 45.0, 'eps1': 20.0, 'noise': 30.0,
+             'transfer': 30.0, 'square': 30.0}
+    words = {'pgd100': 'more PGD steps', 'pgd10_restarts4': 'more restarts', 'pgd10_2eps': 'larger eps',
+             'eps1': 'unbounded',
              'noise': 'random noise', 'transfer': 'transfer attack', 'square': 'gradient-free'}
     for key, value in cases.items():
         warnings = evaluation.sanity_warnings(dict(base, **{key: value}), 1000)
