@@ -74,11 +74,16 @@ def parse_args(argv=None):
                         'gradient clipped to +-3 std, rescaled to [0, 1] (AT-att-id Fig. 4)')
     g.add_argument('--grad-signs', metavar='FILE.png', help='AELF Fig. 4: gradient signs above thresholds')
     g.add_argument('--sign-thresholds', default='0.1,0.3,0.5', help='thresholds for --grad-signs')
+    g.add_argument('--sign-scale', choices=['raw', 'normalised'], default='raw',
+                   help="--grad-signs thresholds on the raw gradient G (AELF Fig. 4: 'according to "
+                        "original magnitude of gradient') or on G / ||G|| / max |.|")
     g.add_argument('--gradmap-classifier', metavar='ST.pt',
                    help='AT-att-id Table 3: a standard model classifies the gradient maps')
     g.add_argument('--asc', action='store_true', help='AGAIN Eq. (2): attribution span coverage')
     g.add_argument('--asc-threshold', type=float, default=0.5, help='lambda of Eq. (2)')
     g.add_argument('--cam', metavar='FILE.png', help='AGAIN Fig. 1: class activation maps')
+    g.add_argument('--cam-style', choices=['overlay', 'raw'], default='overlay',
+                   help='heat map over the input (as in the papers) or the grey map alone')
     g.add_argument('--valid-weights', action='store_true',
                    help='AGAIN supp. 4.4: fc weights above their class mean, averaged over classes')
     g.add_argument('--sanity', action='store_true', help='checks against gradient masking')
@@ -355,6 +360,17 @@ def normalized_gradient(grad):
     return g / g.flatten(1).abs().amax(1).clamp_min(1e-20)[:, None, None]
 
 
+def sign_maps(grad, thresholds, scale='raw'):
+    """AELF Fig. 4: the sign of the input gradient where its magnitude exceeds each threshold
+    (one block of images per threshold). Footnote 5 and the caption take the signs "from original
+    values G", "according to original magnitude of gradient": ``raw`` thresholds G itself
+    (channels summed), so a model with smaller gradients shows fewer pixels, which is what the
+    figure compares; ``normalised`` thresholds G / ||G||_2 / max |.| (every image's largest value
+    is 1), which keeps only the shape of the gradient."""
+    g = grad.sum(1) if scale == 'raw' else normalized_gradient(grad)
+    return torch.cat([red_green(torch.sign(g) * (g.abs() > t)) for t in thresholds])
+
+
 def red_green(g):
     """Signed map in [-1, 1] -> RGB: positive red, negative green, on black."""
     return torch.stack([g.clamp(min=0), (-g).clamp(min=0), torch.zeros_like(g)], dim=1)
@@ -395,8 +411,9 @@ def gradient_pictures(paths, args, device):
                                    f"compare checkpoints of one dataset and image size")
         maps.append(rgb(clipped_gradient(grad)) if args.grad_style == 'clip'
                     else red_green(normalized_gradient(grad)))
-        g = normalized_gradient(grad)
-        signs.append(torch.cat([red_green(torch.sign(g) * (g.abs() > t)) for t in args.sign_thresholds]))
+        signs.append(sign_maps(grad, args.sign_thresholds, args.sign_scale))
+        print(f"{path}: max |G| {grad.sum(1).abs().amax().item():.3g} over the pictured images "
+              f"(--grad-signs thresholds apply to the {args.sign_scale} gradient)", file=sys.stderr)
     n = len(inputs)
     if args.grad_maps:
         save_image(torch.cat([inputs] + maps).cpu(), args.grad_maps, nrow=n, padding=2)
@@ -410,21 +427,28 @@ def gradient_pictures(paths, args, device):
 
 def gradmap_classification(model, ckpt, test, args, device):
     """AT-att-id Table 3: accuracy of a standard-trained classifier on the gradient maps of
-    ``model`` (clipped to +-3 std and rescaled; and raw, min-max rescaled)."""
+    ``model`` (clipped to +-3 std and rescaled; and raw, min-max rescaled), on the test images
+    and, as the paper also reports, on as many training images (the first len(test))."""
     st_ckpt = common.load_checkpoint(args.gradmap_classifier)
     if (st_ckpt['args']['dataset'], st_ckpt['args'].get('image_size')) != \
             (ckpt['args']['dataset'], ckpt['args'].get('image_size')):
         raise common.UserError(f"--gradmap-classifier {args.gradmap_classifier!r} was trained on other "
                                f"data: use a standard model of the same dataset and image size")
     classifier = common.model_from_checkpoint(st_ckpt, device, args.gradmap_classifier).eval()
-    hits = {'clipped': 0, 'raw': 0}
-    for x, y in common.batches(test, args.batch_size):
-        grad = input_gradients(model, x, y)
-        with torch.no_grad():
-            hits['clipped'] += (classifier(clipped_gradient(grad)).argmax(1) == y).sum().item()
-            hits['raw'] += (classifier(raw_rescaled_gradient(grad)).argmax(1) == y).sum().item()
-    return {'gradmap_clipped_acc': 100.0 * hits['clipped'] / len(test),
-            'gradmap_raw_acc': 100.0 * hits['raw'] / len(test)}
+    a = ckpt['args']
+    train = common.load_split(a['dataset'], args.data_dir or a.get('data_dir', './data'), True,
+                              image_size=a.get('image_size'), device=test.y.device, size=len(test))
+    out = {}
+    for part, split in (('', test), ('_train', train)):
+        hits = {'clipped': 0, 'raw': 0}
+        for x, y in common.batches(split, args.batch_size):
+            grad = input_gradients(model, x, y)
+            with torch.no_grad():
+                hits['clipped'] += (classifier(clipped_gradient(grad)).argmax(1) == y).sum().item()
+                hits['raw'] += (classifier(raw_rescaled_gradient(grad)).argmax(1) == y).sum().item()
+        out.update({f'gradmap_clipped{part}_acc': 100.0 * hits['clipped'] / len(split),
+                    f'gradmap_raw{part}_acc': 100.0 * hits['raw'] / len(split)})
+    return out
 
 
 # -------------------------------------------------------------- CAM, ASC, valid weights (AGAIN)
@@ -455,6 +479,19 @@ def asc_values(model, test, threshold, batch_size):
 
 
 @torch.no_grad()
+def heat_colours(t):
+    """A jet-like colour map: t in [0, 1] (B x H x W) -> RGB (B x 3 x H x W), blue (low)
+    through green to red (high)."""
+    return torch.stack([(1.5 - (4 * t - 3).abs()), (1.5 - (4 * t - 2).abs()),
+                        (1.5 - (4 * t - 1).abs())], dim=1).clamp(0, 1)
+
+
+def cam_overlay(x, cam, weight=0.5):
+    """The heat map of ``cam`` (B x H x W in [0, 1]) laid over the grey input, as AGAIN Fig. 1."""
+    grey = rgb(x.mean(1, keepdim=True))
+    return ((1 - weight) * grey + weight * heat_colours(cam)).clamp(0, 1)
+
+
 def cam_picture(paths, args, device):
     from torchvision.utils import save_image
     rows = []
@@ -470,7 +507,7 @@ def cam_picture(paths, args, device):
         up = torch.nn.functional.interpolate(cam, size=x.shape[-2:], mode='bilinear', align_corners=False)
         if not rows:
             rows.append(rgb(x))
-        rows.append(rgb(up))
+        rows.append(cam_overlay(x, up[:, 0]) if args.cam_style == 'overlay' else rgb(up))
     save_image(torch.cat(rows).cpu(), args.cam, nrow=len(rows[0]), padding=2)
     print(f"wrote {args.cam}", file=sys.stderr)
 
@@ -635,6 +672,8 @@ def main(argv=None):
     if args.shift:
         print(shift_table(rows, args.shift))
     extra = [('gradmap (clipped)', 'gradmap_clipped_acc', '{:.2f}'), ('gradmap (raw)', 'gradmap_raw_acc', '{:.2f}'),
+             ('gradmap (clipped, train)', 'gradmap_clipped_train_acc', '{:.2f}'),
+             ('gradmap (raw, train)', 'gradmap_raw_train_acc', '{:.2f}'),
              ('ASC', 'asc', '{:.4f}'), ('valid weights', 'valid_weights', '{:.1f}'),
              ('ASE head acc', 'ase_head_acc', '{:.2f}'), ('main = ASE', 'ase_agreement', '{:.2f}'),
              ('oracle (W_ase[y])', 'ase_oracle_acc', '{:.2f}'), ('main, unscaled', 'ase_unscaled_acc', '{:.2f}')]

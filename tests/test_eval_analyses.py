@@ -152,11 +152,13 @@ def test_all_analyses_from_the_command_line(data_dir, tmp_path):
                   '--sanity', '--square-queries', '200', '--transfer-from', b, '--json', js)
     out = proc.stdout
     assert 'nat N(L)' in out and 'gradmap (clipped)' in out and 'ASC' in out and 'valid weights' in out
+    assert 'gradmap (clipped, train)' in out
     assert out.count('sanity ') == 2
     rows = json.loads(js.read_text())['rows']
     for r in rows:
         assert set(r['shift']) == {'N', 'N(L)', 'N(R)', 'N(U)', 'N(D)'}
         assert 0 <= r['gradmap_clipped_acc'] <= 100 and 0 <= r['asc'] <= 1 and r['valid_weights'] > 0
+        assert 0 <= r['gradmap_clipped_train_acc'] <= 100 and 0 <= r['gradmap_raw_train_acc'] <= 100
         assert 'warnings' in r['sanity'] and 'transfer' in r['sanity']['measured']
     assert 'asc_larger_than_second_percent' in rows[0]
     side = 32 + 2                                          # 32x32 images, padding 2
@@ -210,3 +212,25 @@ def test_autoattack_flags_and_table(data_dir, tmp_path):
                        (['--autoattack', '--autoattack-version', 'rand', '--aa-attacks', 'square'], 'rand')]:
         proc = run_script('eval.py', '--ckpt', ckpt, '--data-dir', data_dir, *bad)
         assert proc.returncode != 0 and words in proc.stderr and 'Traceback' not in proc.stderr, proc.stderr
+
+
+def test_sign_maps_raw_keeps_the_magnitude_normalised_does_not():
+    torch.manual_seed(0)
+    grad = torch.randn(2, 1, 8, 8) * 0.2
+    small, large = evaluation.sign_maps(grad, [0.1, 0.3], 'raw'), evaluation.sign_maps(10 * grad, [0.1, 0.3], 'raw')
+    assert small.shape == (4, 3, 8, 8)
+    assert large.abs().sum() > 2 * small.abs().sum()       # larger gradients: more pixels shown
+    # by hand: the red channel is on exactly where G > 0.3 (second block)
+    assert torch.equal(small[2:, 0] > 0, grad[:, 0] > 0.3)
+    n_small, n_large = (evaluation.sign_maps(g, [0.1, 0.3], 'normalised') for g in (grad, 10 * grad))
+    assert torch.equal(n_small, n_large)                    # the scale is gone
+
+
+def test_cam_overlay_colours():
+    t = torch.tensor([0.0, 0.5, 1.0])[:, None, None]
+    c = evaluation.heat_colours(t)[:, :, 0, 0]
+    assert c[0].argmax() == 2 and c[1].argmax() == 1 and c[2].argmax() == 0     # blue, green, red
+    x = torch.zeros(3, 1, 1, 1)
+    assert torch.allclose(evaluation.cam_overlay(x, t), 0.5 * evaluation.heat_colours(t))
+    x = torch.ones(3, 1, 1, 1)                     # a white input under the map: lighter colours
+    assert (evaluation.cam_overlay(x, t) >= evaluation.cam_overlay(0 * x, t)).all()
