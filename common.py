@@ -397,9 +397,9 @@ def add_common_args(parser):
     g.add_argument('--dataset', default='mnist', choices=sorted(DATASETS))
     g.add_argument('--data-dir', default='./data', help='torchvision root (default ./data)')
     g.add_argument('--model', choices=sorted(models.ARCHITECTURES), help='architecture')
-    g.add_argument('--act', choices=['relu', 'leakyrelu'], help='activation (cnn_b, resnet18, wrn)')
+    g.add_argument('--act', choices=['relu', 'leakyrelu'], help='activation (cnn_b, resnet18, vgg16, wrn)')
     g.add_argument('--slope', type=float, default=0.01, help='LeakyReLU negative slope')
-    g.add_argument('--width', type=float, default=1.0, help='channel multiplier (cnn_b, resnet18)')
+    g.add_argument('--width', type=float, default=1.0, help='channel multiplier (cnn_b, resnet18, vgg16)')
     g.add_argument('--depth', type=int, help='WRN depth (34, 28, 40)')
     g.add_argument('--widen-factor', type=int, help='WRN widen factor')
     g.add_argument('--dropout', type=float, default=0.0, help='WRN dropout')
@@ -472,7 +472,7 @@ def model_kwargs(args):
         return dict(width=args.width, act=args.act, slope=args.slope)
     if args.model == 'madry_cnn':
         return dict(image_size=args.image_size)
-    if args.model == 'resnet18':
+    if args.model in ('resnet18', 'vgg16'):
         return dict(width=args.width, act=args.act, slope=args.slope)
     if args.model == 'wrn':
         return dict(depth=args.depth, widen_factor=args.widen_factor, dropout=args.dropout,

@@ -72,6 +72,11 @@ def parse_args(argv=None):
     g.add_argument('--grad-style', choices=['signed', 'clip'], default='signed',
                    help='signed: G/||G||_2/max|G|, red + / green - on black (AELF); clip: raw '
                         'gradient clipped to +-3 std, rescaled to [0, 1] (AT-att-id Fig. 4)')
+    g.add_argument('--smoothgrad', type=int, default=0, metavar='N',
+                   help='--grad-maps/--grad-signs: mean input gradient over N noisy copies (AGAIN '
+                        'supplement Fig. 1, SmoothGrad); 0: the plain gradient')
+    g.add_argument('--smoothgrad-sigma', type=float, default=0.15,
+                   help='std of the SmoothGrad noise (inputs in [0, 1]; Smilkov et al. use 10-20%%)')
     g.add_argument('--grad-signs', metavar='FILE.png', help='AELF Fig. 4: gradient signs above thresholds')
     g.add_argument('--sign-thresholds', default='0.1,0.3,0.5', help='thresholds for --grad-signs')
     g.add_argument('--sign-scale', choices=['raw', 'normalised'], default='raw',
@@ -86,6 +91,14 @@ def parse_args(argv=None):
                    help='heat map over the input (as in the papers) or the grey map alone')
     g.add_argument('--valid-weights', action='store_true',
                    help='AGAIN supp. 4.4: fc weights above their class mean, averaged over classes')
+    g.add_argument('--corrupt-span', metavar='ST.pt',
+                   help='AGAIN Sec. 3, Table 1: erase the span only the standard model ST.pt attends to')
+    g.add_argument('--span-reading', choices=['delete', 'keep'], default='delete',
+                   help="--corrupt-span's mask: delete the standard-only span (default) or keep only it")
+    g.add_argument('--span-picture', metavar='FILE.png', help='--corrupt-span: image, mask, corrupted rows')
+    g.add_argument('--compactness', nargs='?', const='', metavar='FILE.png',
+                   help='AGAIN Fig. 4: within-class / between-centroid distance of features(x); '
+                        'with FILE, a PCA picture of the features')
     g.add_argument('--sanity', action='store_true', help='checks against gradient masking')
     g.add_argument('--square-queries', type=int, default=5000,
                    help="queries of --sanity's gradient-free attack (AutoAttack's Square: 5000)")
@@ -267,6 +280,10 @@ def evaluate(path, args, device):
         row['asc'] = sum(row['asc_per_image']) / len(row['asc_per_image'])
     if args.valid_weights:
         row['valid_weights'] = valid_weights(model)
+    if args.compactness is not None:
+        row['compactness'], row['_features'] = compactness(model, test, args.batch_size)
+    if args.corrupt_span:
+        row['corrupt_span'] = corrupted_span_table(model, path, test, eps, args, device)
     if args.sanity:
         measured = measure_sanity(model, test, eps, args, device)
         row['sanity'] = {'measured': measured, 'warnings': sanity_warnings(measured, len(test))}
@@ -352,6 +369,19 @@ def input_gradients(model, x, y):
     return grad
 
 
+def smooth_gradients(model, x, y, n, sigma, seed=0):
+    """SmoothGrad (Smilkov et al. 2017; AGAIN supplement Fig. 1): the mean of d CE / d x over
+    ``n`` copies of x + N(0, sigma^2) (not clamped); n = 0 gives the plain gradient."""
+    if n <= 0:
+        return input_gradients(model, x, y)
+    g = torch.Generator(device=x.device).manual_seed(seed)
+    total = torch.zeros_like(x)
+    for _ in range(n):
+        noise = torch.randn(x.shape, generator=g, device=x.device) * sigma
+        total += input_gradients(model, x + noise, y)
+    return total / n
+
+
 def normalized_gradient(grad):
     """AELF footnote 3: G / ||G||_2, then divided by max |.|, per image (channels summed):
     values in [-1, 1] with max |value| 1."""
@@ -403,7 +433,7 @@ def gradient_pictures(paths, args, device):
         model = common.model_from_checkpoint(ckpt, device, path)
         test = load_test_split(ckpt, args, device).head(args.n_images)
         x = common.to_float(test.x)
-        grad = input_gradients(model, x, test.y)
+        grad = smooth_gradients(model, x, test.y, args.smoothgrad, args.smoothgrad_sigma, args.seed)
         if inputs is None:
             inputs = rgb(x)
         elif inputs.shape != rgb(x).shape:
@@ -461,6 +491,115 @@ def class_activation_maps(model, x, y):
         raise common.UserError(f"class activation maps need a model that classifies globally "
                                f"average-pooled maps ({e})") from None
     return torch.einsum('bchw,bc->bhw', a.float(), model.fc.weight[y].float())
+
+
+def standard_only_span(std_model, robust_model, x, y, threshold, reading='delete'):
+    """AGAIN Sec. 3, Fig. 1(d): the mask (B x 1 x H x W, 0/1) of the corrupted-span experiment.
+    Each model's span is its CAM of the true class (upsampled to the input, nearest) above
+    ``threshold`` x its maximum (the ASC rule, Eq. (2)); "the different spans" are read as the
+    span the standard model attends to and the robust one does not, and ``delete`` (default)
+    erases them: Fig. 1(e) shows the image with part of it erased ("partial feature erasure"),
+    and Table 1's small drops on clean data (20.6 / 15.6 points) with unchanged adversarial
+    accuracy fit erasing a small region, not keeping one (which would erase most of the image
+    and of the perturbation). ``keep`` keeps only the standard-only span, the other reading."""
+    def span(model):
+        cam = class_activation_maps(model, x, y)
+        cam = F.interpolate(cam[:, None], size=x.shape[-2:], mode='nearest')
+        return cam > threshold * cam.flatten(1).amax(1)[:, None, None, None]
+    only_std = (span(std_model) & ~span(robust_model)).float()
+    return 1.0 - only_std if reading == 'delete' else only_std
+
+
+def corrupted_span_table(model, path, test, eps, args, device):
+    """AGAIN Table 1 for the pair (--corrupt-span ST.pt, ``model``): for each of the two models,
+    on the test images it classifies correctly, accuracy on the original clean images (100 by
+    construction), the corrupted ones (image x mask), PGD-20 examples (the robust checkpoint's
+    eps, random start) and the corrupted PGD examples (x_adv x mask)."""
+    st_ckpt = common.load_checkpoint(args.corrupt_span)
+    ckpt = common.load_checkpoint(path)
+    if (st_ckpt['args']['dataset'], st_ckpt['args'].get('image_size')) != \
+            (ckpt['args']['dataset'], ckpt['args'].get('image_size')):
+        raise common.UserError(f"--corrupt-span {args.corrupt_span!r} was trained on other data than "
+                               f"{path!r}: use a standard model of the same dataset and image size")
+    standard = common.model_from_checkpoint(st_ckpt, device, args.corrupt_span).eval()
+    x_all, y_all = common.to_float(test.x), test.y
+    with torch.no_grad():
+        masks = torch.cat([standard_only_span(standard, model, xb, yb, args.asc_threshold, args.span_reading)
+                           for xb, yb in zip(x_all.split(args.batch_size), y_all.split(args.batch_size))])
+    only_std = 1 - masks if args.span_reading == 'delete' else masks
+    table = {'reading': args.span_reading, 'span_share': 100.0 * only_std.mean().item()}
+    for name, m in (('standard', standard), ('robust', model)):
+        m.eval()
+        with torch.no_grad():
+            keep = torch.cat([m(xb).argmax(1) == yb for xb, yb in
+                              zip(x_all.split(args.batch_size), y_all.split(args.batch_size))])
+        x, y, mask = x_all[keep], y_all[keep], masks[keep]
+        hits = {'clean': 0, 'corrupted_clean': 0, 'adv': 0, 'corrupted_adv': 0}
+        common.seed_everything(args.seed)
+        for xb, yb, mb in zip(x.split(args.batch_size), y.split(args.batch_size), mask.split(args.batch_size)):
+            x_adv = pgd(m, xb, yb, eps, 20, 2.5 * eps / 20, random_start=True)
+            with torch.no_grad():
+                for key, inp in (('clean', xb), ('corrupted_clean', xb * mb), ('adv', x_adv),
+                                 ('corrupted_adv', x_adv * mb)):
+                    hits[key] += (m(inp).argmax(1) == yb).sum().item()
+        table[name] = {'images': len(y), **{k: 100.0 * v / max(len(y), 1) for k, v in hits.items()}}
+    return table
+
+
+def span_picture(paths, args, device):
+    """--span-picture: per checkpoint, rows of images, masks and corrupted images."""
+    from torchvision.utils import save_image
+    standard = common.model_from_checkpoint(common.load_checkpoint(args.corrupt_span), device,
+                                            args.corrupt_span).eval()
+    rows = []
+    for path in paths:
+        ckpt = common.load_checkpoint(path)
+        model = common.model_from_checkpoint(ckpt, device, path).eval()
+        test = load_test_split(ckpt, args, device).head(args.n_images)
+        x = common.to_float(test.x)
+        with torch.no_grad():
+            mask = standard_only_span(standard, model, x, test.y, args.asc_threshold, args.span_reading)
+        rows += [rgb(x), rgb(mask), rgb(x * mask)]
+    save_image(torch.cat(rows).cpu(), args.span_picture, nrow=len(rows[0]), padding=2)
+    print(f"wrote {args.span_picture}", file=sys.stderr)
+
+
+def compactness(model, split, batch_size):
+    """AGAIN Fig. 4 in one number: the mean distance of features(x) to their class centroid
+    divided by the mean distance between class centroids (smaller: more compact classes, further
+    apart). Returns (ratio, (features, labels)) for the picture."""
+    model.eval()
+    with torch.no_grad():
+        feats = torch.cat([model.features(x).float() for x, _ in common.batches(split, batch_size)])
+    y = split.y
+    classes = y.unique()
+    centroids = torch.stack([feats[y == c].mean(0) for c in classes])
+    index = torch.searchsorted(classes, y)
+    within = (feats - centroids[index]).norm(dim=1).mean()
+    pair = torch.cdist(centroids, centroids)
+    between = pair[torch.triu_indices(len(classes), len(classes), 1).unbind()].mean()
+    return (within / between).item(), (feats, y)
+
+
+CLASS_COLOURS = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+                 (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]
+
+
+def feature_picture(feats, y, side=256, margin=12):
+    """The features projected on their first two principal components, one coloured point per
+    image (3 x side x side, uint8). AGAIN Fig. 4 uses t-SNE; PCA is used here because it is
+    deterministic, a few lines of torch (no extra package) and a linear view that keeps distances'
+    proportions, so pictures of two models can be compared with the compactness number."""
+    from torchvision.utils import draw_keypoints
+    centred = feats - feats.mean(0)
+    _, _, v = torch.linalg.svd(centred, full_matrices=False)
+    p = centred @ v[:2].T
+    p = (p - p.amin(0)) / (p.amax(0) - p.amin(0)).clamp_min(1e-12) * (side - 2 * margin) + margin
+    canvas = torch.full((3, side, side), 255, dtype=torch.uint8)
+    for c in y.unique().tolist():
+        pts = p[y == c][None]
+        canvas = draw_keypoints(canvas, pts, colors=CLASS_COLOURS[c % len(CLASS_COLOURS)], radius=2)
+    return canvas
 
 
 def asc_from_cam(cam, threshold):
@@ -705,6 +844,29 @@ def main(argv=None):
         gradient_pictures(args.ckpt, args, device)
     if args.cam:
         cam_picture(args.ckpt, args, device)
+    if args.corrupt_span:
+        print(f"| corrupted span (reading: {args.span_reading}, --corrupt-span {args.corrupt_span}) | model | "
+              f"images | original clean | corrupted clean | original adv | corrupted adv | "
+              f"standard-only span |\n|" + '---|' * 8)
+        for r in rows:
+            t = r['corrupt_span']
+            for name in ('standard', 'robust'):
+                c = t[name]
+                print(f"| {r['ckpt']} | {name} | {c['images']} | {c['clean']:.2f} | {c['corrupted_clean']:.2f} "
+                      f"| {c['adv']:.2f} | {c['corrupted_adv']:.2f} | {t['span_share']:.1f}% of pixels |")
+        if args.span_picture:
+            span_picture(args.ckpt, args, device)
+    if args.compactness is not None:
+        print('| checkpoint | compactness (within / between) |\n|---|---|')
+        for r in rows:
+            print(f"| {r['ckpt']} | {r['compactness']:.4f} |")
+        if args.compactness:
+            from torchvision.utils import save_image
+            pics = [feature_picture(*r['_features']).float() / 255 for r in rows]
+            save_image(torch.stack(pics), args.compactness, nrow=len(pics), padding=4, pad_value=0.5)
+            print(f"wrote {args.compactness}", file=sys.stderr)
+    for r in rows:
+        r.pop('_features', None)
     if args.attention_maps:
         print(f"wrote {attention_maps_png(args.ckpt, args, device, args.attention_maps)}", file=sys.stderr)
     if args.json:

@@ -359,6 +359,37 @@ class CifarResNet(StagedNet):
         return self.pool(self.feature_maps(x))
 
 
+class VGG16(StagedNet):
+    """VGG-16 with BatchNorm for 32x32 inputs (AGAIN Sec. 3 measures ASC on it): thirteen 3x3
+    convs in five blocks (64 x2, 128 x2, 256 x3, 512 x3, 512 x3), each conv + BN + activation,
+    2x2 max-pooling after blocks 1-4, then a global average pool over block 5's 2x2 maps and one
+    linear layer 512 -> classes. The usual CIFAR VGG-16 max-pools block 5 to 1x1 instead; here
+    the classifier reads globally average-pooled maps, as CAM (AGAIN Eq. (1)) requires (and as
+    the CAM paper did for VGG), so block 5's maps are what CAM, ASC and an ASE head read.
+    ``width`` scales every channel count."""
+
+    BLOCKS = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
+
+    def __init__(self, num_classes=10, in_channels=3, width=1.0, act='relu', slope=0.01):
+        super().__init__()
+        stages, c_in = [], in_channels
+        for i, block in enumerate(self.BLOCKS):
+            layers = []
+            for c in block:
+                c_out = max(1, int(round(c * width)))
+                layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                           make_act(act, slope)]
+                c_in = c_out
+            if i < 4:
+                layers.append(nn.MaxPool2d(2))
+            stages.append(nn.Sequential(*layers))
+        self.stages = nn.ModuleList(stages)
+        self.first_stage_number = 1          # stages[0] is block 1
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(c_in, num_classes)
+        self.feature_dim = c_in
+
+
 def _att_resnet(**kw):
     kw.setdefault('attention', True)
     return CifarResNet(**kw)
@@ -371,6 +402,7 @@ ARCHITECTURES = {
     'wrn': WideResNet,
     'cifar_resnet': CifarResNet,
     'att_resnet': _att_resnet,
+    'vgg16': VGG16,
 }
 
 

@@ -72,7 +72,7 @@ def parse_args(argv=None):
     common.add_common_args(parser)
     g = parser.add_argument_group('AGAIN')
     g.add_argument('--alpha', type=float, default=0.6, help='weight of the true-label span (Eq. (4))')
-    g.add_argument('--ase-layer', type=int, help='stage of the ASE head (resnet18: 4; cnn_b: 5; wrn: 3)')
+    g.add_argument('--ase-layer', type=int, help='stage of the ASE head (resnet18: 4; cnn_b: 5; wrn: 3; vgg16: 5)')
     g.add_argument('--no-ase', action='store_true', help='ablation: no ASE head (Table 6)')
     g.add_argument('--no-hff', action='store_true', help='ablation: no HFF (Table 6)')
     g.add_argument('--attack-loss', choices=['both', 'main'], default='both',
@@ -83,10 +83,10 @@ def parse_args(argv=None):
     g.add_argument('--awp-warmup', type=int, default=10, help='epochs before AWP starts')
     args = parser.parse_args(argv)
     args = common.finish_args(parser, args, protocol(args.dataset, args.model))
-    if args.model not in ('resnet18', 'cnn_b', 'wrn'):
-        parser.error('AGAIN here supports --model resnet18, cnn_b or wrn')
+    if args.model not in ('resnet18', 'cnn_b', 'wrn', 'vgg16'):
+        parser.error('AGAIN here supports --model resnet18, cnn_b, wrn or vgg16')
     if args.ase_layer is None:
-        args.ase_layer = {'resnet18': 4, 'cnn_b': 5, 'wrn': 3}[args.model]   # before global pooling
+        args.ase_layer = {'resnet18': 4, 'cnn_b': 5, 'wrn': 3, 'vgg16': 5}[args.model]   # before global pooling
     if not 0.0 <= args.alpha <= 1.0:
         parser.error('--alpha must be in [0, 1]')
     return args

@@ -234,3 +234,90 @@ def test_cam_overlay_colours():
     assert torch.allclose(evaluation.cam_overlay(x, t), 0.5 * evaluation.heat_colours(t))
     x = torch.ones(3, 1, 1, 1)                     # a white input under the map: lighter colours
     assert (evaluation.cam_overlay(x, t) >= evaluation.cam_overlay(0 * x, t)).all()
+
+
+def test_vgg16_shapes_features_and_cam():
+    torch.manual_seed(0)
+    model = models.build('vgg16', 10, 3, width=0.125).eval()
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.allclose(model(x), model.fc(model.features(x)), atol=1e-6)
+    assert model.feature_maps(x).shape == (2, 64, 2, 2)          # block 5's maps, globally pooled
+    cam = evaluation.class_activation_maps(model, x, torch.tensor([1, 2]))
+    assert torch.allclose(cam.mean((1, 2)), (model(x) - model.fc.bias)[[0, 1], [1, 2]], atol=1e-5)
+    assert len(model.stages) == 5 and sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) == 13
+
+
+def test_standard_only_span_mask_on_hand_made_cams():
+    class FixedCam(torch.nn.Module):
+        """cam_maps returns one fixed 2x2 map; fc weight 1: the CAM is that map."""
+        def __init__(self, cam):
+            super().__init__()
+            self.cam = cam
+            self.fc = torch.nn.Linear(1, 10, bias=False)
+            torch.nn.init.ones_(self.fc.weight)
+
+        def cam_maps(self, x):
+            return self.cam.expand(len(x), 1, 2, 2)
+    std = FixedCam(torch.tensor([[[[1.0, 0.9], [0.2, 0.0]]]]))     # span: top row
+    rob = FixedCam(torch.tensor([[[[1.0, 0.1], [0.2, 0.0]]]]))     # span: top-left only
+    x, y = torch.rand(1, 1, 4, 4), torch.tensor([3])
+    mask = evaluation.standard_only_span(std, rob, x, y, 0.5)
+    expected = torch.ones(1, 1, 4, 4)
+    expected[..., :2, 2:] = 0                                      # top-right quarter erased
+    assert torch.equal(mask, expected)
+    assert torch.equal(evaluation.standard_only_span(std, rob, x, y, 0.5, 'keep'), 1 - expected)
+    assert torch.equal(x * mask, torch.where(expected.bool(), x, torch.zeros_like(x)))
+
+
+def test_compactness_is_smaller_for_tight_clusters():
+    class Identity(torch.nn.Module):
+        def features(self, x):
+            return x.flatten(1)
+    y = torch.arange(40) % 4
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
+    torch.manual_seed(0)
+    noise = torch.randn(40, 2)
+    tight = common.Split((centres[y] + 0.1 * noise)[:, None, :, None], y)
+    spread = common.Split((centres[y] + 3.0 * noise)[:, None, :, None], y)
+    ratio_tight, _ = evaluation.compactness(Identity(), tight, 16)
+    ratio_spread, (feats, labels) = evaluation.compactness(Identity(), spread, 16)
+    assert ratio_tight < 0.05 < ratio_spread
+    pic = evaluation.feature_picture(feats, labels, side=64)
+    assert pic.shape == (3, 64, 64) and pic.dtype == torch.uint8 and (pic != 255).any()
+
+
+def test_smoothgrad_with_sigma_0_is_the_plain_gradient():
+    from test_attacks import trained_model
+    model, x, y = trained_model()
+    plain = evaluation.input_gradients(model, x[:4], y[:4])
+    assert torch.allclose(evaluation.smooth_gradients(model, x[:4], y[:4], 5, 0.0), plain, atol=1e-6)
+    assert torch.equal(evaluation.smooth_gradients(model, x[:4], y[:4], 0, 0.3), plain)
+    assert not torch.allclose(evaluation.smooth_gradients(model, x[:4], y[:4], 5, 0.3), plain, atol=1e-4)
+
+
+def test_span_compactness_smoothgrad_from_the_command_line(data_dir, tmp_path):
+    run_ok('train_at.py', '--data-dir', data_dir, '--out', tmp_path / 'at', *QUICK)
+    run_ok('train_at.py', '--standard', '--data-dir', data_dir, '--out', tmp_path / 'st', *QUICK)
+    pics = {n: tmp_path / f'{n}.png' for n in ('span', 'feat', 'grad')}
+    js = tmp_path / 'o.json'
+    proc = run_ok('eval.py', '--ckpt', tmp_path / 'at' / 'last.pt', '--data-dir', data_dir, '--test-size', '16',
+                  '--no-table', '--n-images', '4', '--corrupt-span', tmp_path / 'st' / 'last.pt',
+                  '--span-picture', pics['span'], '--compactness', pics['feat'], '--grad-maps', pics['grad'],
+                  '--smoothgrad', '3', '--json', js)
+    assert 'corrupted clean' in proc.stdout and 'compactness' in proc.stdout
+    row = json.loads(js.read_text())['rows'][0]
+    for name in ('standard', 'robust'):
+        assert row['corrupt_span'][name]['clean'] == 100.0 or row['corrupt_span'][name]['images'] == 0
+    assert row['compactness'] > 0 and '_features' not in row
+    side = 32 + 2
+    assert Image.open(pics['span']).size == (4 * side + 2, 3 * side + 2)
+    assert all(p.exists() for p in pics.values())
+
+
+def test_vgg16_trains_with_train_at_and_eval_reads_its_cam(data_dir, tmp_path):
+    run_ok('train_at.py', '--data-dir', data_dir, '--out', tmp_path / 'vgg', '--dataset', 'cifar10',
+           '--model', 'vgg16', '--width', '0.125', '--steps', '1', '--epochs', '1', '--batch-size', '32',
+           '--train-size', '32', '--test-size', '16', '--eval-size', '16', '--device', 'cpu')
+    proc = run_ok('eval.py', '--ckpt', tmp_path / 'vgg', '--data-dir', data_dir, '--no-table', '--asc',
+                  '--test-size', '8')
+    assert 'ASC' in proc.stdout
