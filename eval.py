@@ -191,6 +191,14 @@ def training_attack(a, eps_override=None):
     return eps, steps, step_size, bool(a.get('random_start'))
 
 
+def picture_inputs(path, args, device):
+    """(model in eval mode, first --n-images test images as floats, their labels) of a checkpoint."""
+    ckpt = common.load_checkpoint(path)
+    model = common.model_from_checkpoint(ckpt, device, path).eval()
+    test = load_test_split(ckpt, args, device).head(args.n_images)
+    return model, common.to_float(test.x), test.y
+
+
 def load_test_split(ckpt, args, device):
     a = ckpt['args']
     return common.load_split(a['dataset'], args.data_dir or a.get('data_dir', './data'), False,
@@ -429,11 +437,8 @@ def gradient_pictures(paths, args, device):
     from torchvision.utils import save_image
     maps, signs, inputs = [], [], None
     for path in paths:
-        ckpt = common.load_checkpoint(path)
-        model = common.model_from_checkpoint(ckpt, device, path)
-        test = load_test_split(ckpt, args, device).head(args.n_images)
-        x = common.to_float(test.x)
-        grad = smooth_gradients(model, x, test.y, args.smoothgrad, args.smoothgrad_sigma, args.seed)
+        model, x, y = picture_inputs(path, args, device)
+        grad = smooth_gradients(model, x, y, args.smoothgrad, args.smoothgrad_sigma, args.seed)
         if inputs is None:
             inputs = rgb(x)
         elif inputs.shape != rgb(x).shape:
@@ -553,12 +558,9 @@ def span_picture(paths, args, device):
                                             args.corrupt_span).eval()
     rows = []
     for path in paths:
-        ckpt = common.load_checkpoint(path)
-        model = common.model_from_checkpoint(ckpt, device, path).eval()
-        test = load_test_split(ckpt, args, device).head(args.n_images)
-        x = common.to_float(test.x)
+        model, x, y = picture_inputs(path, args, device)
         with torch.no_grad():
-            mask = standard_only_span(standard, model, x, test.y, args.asc_threshold, args.span_reading)
+            mask = standard_only_span(standard, model, x, y, args.asc_threshold, args.span_reading)
         rows += [rgb(x), rgb(mask), rgb(x * mask)]
     save_image(torch.cat(rows).cpu(), args.span_picture, nrow=len(rows[0]), padding=2)
     print(f"wrote {args.span_picture}", file=sys.stderr)
@@ -635,11 +637,8 @@ def cam_picture(paths, args, device):
     from torchvision.utils import save_image
     rows = []
     for path in paths:
-        ckpt = common.load_checkpoint(path)
-        model = common.model_from_checkpoint(ckpt, device, path).eval()
-        test = load_test_split(ckpt, args, device).head(args.n_images)
-        x = common.to_float(test.x)
-        cam = class_activation_maps(model, x, test.y)
+        model, x, y = picture_inputs(path, args, device)
+        cam = class_activation_maps(model, x, y)
         lo = cam.flatten(1).amin(1)[:, None, None]
         hi = cam.flatten(1).amax(1)[:, None, None]
         cam = ((cam - lo) / (hi - lo).clamp_min(1e-20))[:, None]
@@ -773,14 +772,11 @@ def attention_maps_png(paths, args, device, filename):
     from torchvision.utils import save_image
     rows = []
     for path in paths:
-        ckpt = common.load_checkpoint(path)
-        model = common.model_from_checkpoint(ckpt, device, path).eval()
+        model, x, _ = picture_inputs(path, args, device)
         if not hasattr(model, 'features_and_maps') or not getattr(model, 'attention', False):
             print(f"note: {path} has no attention module (train_att_id.py --mode att or att-id); "
                   f"left out of {filename}", file=sys.stderr)
             continue
-        test = load_test_split(ckpt, args, device).head(args.n_images)
-        x = common.to_float(test.x)
         with torch.no_grad():
             _, maps = model.features_and_maps(x)
         rows.append(x.expand(-1, 3, -1, -1))
