@@ -822,8 +822,10 @@ def main(argv=None):
         print(autoattack_table(rows))
         for r in rows:
             for w in r['autoattack_warnings']:
-                print(f"warning: {r['ckpt']}: AutoAttack: {w.split(' This might')[0]} - its gradient "
-                      f"attacks under-attack this model; trust the lowest column and try an adaptive attack")
+                by = re.search(r'of ([0-9.]+%)', w)
+                print(f"warning: {r['ckpt']}: AutoAttack's gradient-free Square lowered the accuracy its "
+                      f"gradient attacks left by {by.group(1) if by else 'some points'}: they under-attack "
+                      f"this model (masked gradients); trust the lowest column, and try an adaptive attack")
     if (args.asc or args.cam) and len(rows) >= 2:
         a, b = rows[0]['asc_per_image'], rows[1]['asc_per_image']
         share = 100.0 * sum(x > y for x, y in zip(a, b)) / len(a)
