@@ -711,13 +711,17 @@ class FolderLock:
     with flock (taken atomically by the kernel and released by it when the process ends, even
     after kill -9) and holding the owner's pid, host and start time. A second process stops at
     once with one line naming the owner; a lock file left by a process that is gone is taken
-    over with one line saying so. The file is removed when this process exits normally."""
+    over with one line saying so. The file is removed when this process exits normally. Where
+    the platform has no flock (Windows), runs go without the lock."""
 
     NAME = '.lock'
 
     def __init__(self, folder):
-        import fcntl
-        self.path = os.path.join(folder, self.NAME)
+        self.path, self.fd = os.path.join(folder, self.NAME), None
+        try:
+            import fcntl
+        except ImportError:      # no flock (Windows): run without the lock rather than not at all
+            return
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
