@@ -194,6 +194,8 @@ def test_autoattack_breakdown_follows_the_cascade_and_shows_square_beating_maske
     # zero input gradients: the gradient attacks leave the rounding model alone, Square does not,
     # and AutoAttack's own check says so
     assert breakdown['square'] < breakdown['fab-t'] and warnings, (breakdown, warnings)
+    assert evaluation.square_drop(breakdown) == pytest.approx(breakdown['fab-t'] - breakdown['square'])
+    assert evaluation.square_drop({'clean': 50.0, 'square': 40.0}) is None     # Square alone
     # a subset runs only those attacks, with the version's settings
     _, sub, _ = evaluation.autoattack(model, split, 0.1, torch.device('cpu'), 0, 128, attacks=['apgd-ce'])
     assert list(sub) == ['clean', 'apgd-ce']
