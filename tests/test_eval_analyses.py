@@ -313,7 +313,8 @@ def test_span_compactness_smoothgrad_from_the_command_line(data_dir, tmp_path):
     assert row['compactness'] > 0 and '_features' not in row
     side = 32 + 2
     assert Image.open(pics['span']).size == (4 * side + 2, 3 * side + 2)
-    assert all(p.exists() for p in pics.values())
+    assert Image.open(pics['feat']).size == (256, 256)                    # one 256-pixel panel
+    assert Image.open(pics['grad']).size == (4 * side + 2, 2 * side + 2)   # inputs, one model
 
 
 def test_vgg16_trains_with_train_at_and_eval_reads_its_cam(data_dir, tmp_path):

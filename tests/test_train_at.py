@@ -9,7 +9,7 @@ import time
 import torch
 
 import common
-from conftest import OFFLINE_ENV, QUICK, ROOT, read_log, run_ok, run_script
+from conftest import OFFLINE_ENV, QUICK, ROOT, THREADS, read_log, run_ok, run_script
 
 
 def test_at_and_st_write_run_folder_and_eval_reads_it(data_dir, tmp_path):
@@ -103,7 +103,8 @@ def test_every_script_prints_its_help():
 
 
 def _start(script, *args):
-    env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1', **OFFLINE_ENV)
+    # the same environment as run_script (thread count included: results must match bitwise)
+    env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS=THREADS, **OFFLINE_ENV)
     return subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
