@@ -291,7 +291,7 @@ def evaluate(path, args, device):
     if args.compactness is not None:
         row['compactness'], row['_features'] = compactness(model, test, args.batch_size)
     if args.corrupt_span:
-        row['corrupt_span'] = corrupted_span_table(model, path, test, eps, args, device)
+        row['corrupt_span'] = corrupted_span_table(model, ckpt, path, test, eps, args, device)
     if args.sanity:
         measured = measure_sanity(model, test, eps, args, device)
         row['sanity'] = {'measured': measured, 'warnings': sanity_warnings(measured, len(test))}
@@ -515,13 +515,12 @@ def standard_only_span(std_model, robust_model, x, y, threshold, reading='delete
     return 1.0 - only_std if reading == 'delete' else only_std
 
 
-def corrupted_span_table(model, path, test, eps, args, device):
+def corrupted_span_table(model, ckpt, path, test, eps, args, device):
     """AGAIN Table 1 for the pair (--corrupt-span ST.pt, ``model``): for each of the two models,
     on the test images it classifies correctly, accuracy on the original clean images (100 by
     construction), the corrupted ones (image x mask), PGD-20 examples (the robust checkpoint's
     eps, random start) and the corrupted PGD examples (x_adv x mask)."""
     st_ckpt = common.load_checkpoint(args.corrupt_span)
-    ckpt = common.load_checkpoint(path)
     if (st_ckpt['args']['dataset'], st_ckpt['args'].get('image_size')) != \
             (ckpt['args']['dataset'], ckpt['args'].get('image_size')):
         raise common.UserError(f"--corrupt-span {args.corrupt_span!r} was trained on other data than "
