@@ -221,6 +221,35 @@ def prepare_model(model, device):
     return model
 
 
+COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune')
+
+
+def compile_model(model, mode):
+    """--compile: torch.compile the model's passes in place; ``mode`` None leaves it eager.
+
+    The feature extractor ``model.features`` (c of the c/w split: every conv, norm and pool) and,
+    for AGAIN's models, ``model.forward_heads`` are replaced on this instance by compiled
+    versions of themselves; ``model(x)`` runs the compiled ``features`` and the eager linear
+    ``fc``. The parameters, buffers, state_dict, train()/eval() and the c/w split are the
+    model's own, so checkpoints and the scripts' code are unchanged. Call it last: a deepcopy
+    made afterwards would share the compiled passes of this instance. Each combination of
+    train/eval mode, gradient mode and batch shape compiles once (the first batches are slow);
+    ``mode='reduce-overhead'`` adds CUDA graphs on a GPU."""
+    if not mode:
+        return model
+    if mode not in COMPILE_MODES:
+        raise UserError(f"--compile {mode!r}: choose one of {', '.join(COMPILE_MODES)}")
+    import torch._dynamo
+    config = torch._dynamo.config
+    for name in ('recompile_limit', 'cache_size_limit'):    # (modes x grad x shapes) > 8 entries
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), 64))
+    model.features = torch.compile(model.features, mode=mode)
+    if getattr(model, 'ase', None) is not None:
+        model.forward_heads = torch.compile(model.forward_heads, mode=mode)
+    return model
+
+
 def lr_at(epoch, base_lr, milestones, gamma=0.1):
     """Multi-step schedule: base_lr * gamma^(number of milestones <= epoch), epochs from 0.
     E.g. milestones [20, 40]: epochs 0-19 at lr, 20-39 at lr/10, 40+ at lr/100 (AELF App. C)."""

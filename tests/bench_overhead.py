@@ -3,6 +3,7 @@
     OMP_NUM_THREADS=1 taskset -c 0 python tests/bench_overhead.py --script train_jt.py
     python tests/bench_overhead.py --script train_att_id.py --profile -- --model cnn_b
     python tests/bench_overhead.py --script train_at.py --contiguous   # without channels_last
+    python tests/bench_overhead.py --script train_at.py --compile        # torch.compile'd model
 
 Runs the real script in this process for two epochs on the first ``--batches`` x 128 real
 MNIST training images (../shared/data), cnn_b at ``--width`` (0.25, the README's CPU protocol),
@@ -25,6 +26,11 @@ machine move by about 10%, so read small overheads as noise.
 With ``--profile`` the training loop of epoch 2 runs under torch.profiler and the operators
 that take the most time are printed (the overhead column is then left out: the profiler
 slows the script, not the bare loop).
+
+With ``--compile MODE`` the script's model and the bare loop's model are compiled with
+``common.compile_model`` (torch.compile of ``features`` / ``forward_heads``; MODE default,
+reduce-overhead or max-autotune); epoch 1 of the script pays the compilation, epoch 2 is the
+compiled steady state, and the output adds the script's epoch-1 seconds and whole wall time.
 
 Not a test (pytest does not collect it). AELFs needs an ST checkpoint: one epoch of
 ``train_at.py --standard`` on the same images is run first and passed as ``--init``.
@@ -56,6 +62,7 @@ class PassRecorder:
         self.passes, self.recording, self.args, self.profiler = [], False, None, None
         self._originals = {}
 
+    @torch._dynamo.disable     # under --compile: runs eagerly, outside (and not guarding) the graph
     def _hook(self, module, inputs):
         if not self.recording:
             return
@@ -112,10 +119,10 @@ def run_script(path, argv):
     module.main(argv)
 
 
-def bare_seconds(args, passes, device, reps):
+def bare_seconds(args, passes, device, reps, compile_mode=None):
     """Median seconds of replaying ``passes`` (one epoch's) with nothing else in between."""
     torch.manual_seed(0)
-    model = common.prepare_model(common.build_model(args), device)
+    model = common.compile_model(common.prepare_model(common.build_model(args), device), compile_mode)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
     fmt = torch.channels_last if common.use_channels_last(device) else torch.contiguous_format
     inputs = {shape: torch.rand(shape, device=device).contiguous(memory_format=fmt)
@@ -167,12 +174,17 @@ def main():
     p.add_argument('--contiguous', action='store_true',
                    help='keep models and batches in the contiguous (NCHW) format on CPU, as before '
                         'common.use_channels_last covered the CPU (what channels_last buys)')
+    p.add_argument('--compile', choices=common.COMPILE_MODES,
+                   help='torch.compile the model (script and bare loop) with common.compile_model')
     p.add_argument('script_args', nargs='*', help='flags for the script (after --)')
     a = p.parse_args()
     device = torch.device(a.device)
     script = str(ROOT / a.script)
     if a.contiguous:
         common.use_channels_last = lambda dev: torch.device(dev).type == 'cuda'
+    prepare = common.prepare_model
+    if a.compile:     # the script's model (the bare loop's is compiled in bare_seconds)
+        common.prepare_model = lambda model, dev: common.compile_model(prepare(model, dev), a.compile)
     with tempfile.TemporaryDirectory() as tmp:
         base = ['--data-dir', a.data_dir, '--width', str(a.width), '--train-size', str(128 * a.batches),
                 '--test-size', '128', '--eval-size', '128', '--epochs', '2', '--batch-size', '128',
@@ -182,11 +194,14 @@ def main():
             run_script(str(ROOT / 'train_at.py'), base + ['--standard', '--epochs', '1', '--out', tmp + '/st'])
             extra += ['--init', tmp + '/st/last.pt']
         with PassRecorder(profile=a.profile) as rec:
+            t0 = time.perf_counter()
             run_script(script, base + extra + ['--out', tmp + '/run'])
+            script_wall = time.perf_counter() - t0
+        common.prepare_model = prepare
         log = [json.loads(line) for line in open(tmp + '/run/log.jsonl')]
     script_ips = log[-1]['images_per_s']
     n_images = 128 * a.batches
-    bare_ips = n_images / bare_seconds(rec.args, rec.passes, device, a.reps)
+    bare_ips = n_images / bare_seconds(rec.args, rec.passes, device, a.reps, a.compile)
     per_batch = collections.Counter(kind for kind, _ in rec.passes)
     out = {'script': a.script, 'script_args': extra, 'width': a.width, 'device': a.device,
            'threads': torch.get_num_threads(), 'channels_last': common.use_channels_last(device),
@@ -194,7 +209,9 @@ def main():
            'pass_shapes': sorted({f'{k} {list(s)}' for k, s in rec.passes}),
            'bare_images_per_s': round(bare_ips, 1), 'script_images_per_s': round(script_ips, 1),
            'script_seconds_per_batch': round(128 / script_ips, 3),
-           'overhead_percent': None if a.profile else round(100 * (bare_ips / script_ips - 1), 1)}
+           'overhead_percent': None if a.profile else round(100 * (bare_ips / script_ips - 1), 1),
+           'compile': a.compile, 'script_epoch1_seconds': round(log[0]['seconds'], 1),
+           'script_wall_seconds': round(script_wall, 1)}
     if a.profile:
         print(rec.table)
         print(f"profiled self CPU time: {rec.total_us / 1e6:.2f} s")

@@ -1,0 +1,78 @@
+"""common.compile_model (torch.compile of the model's passes, issue 16): the compiled passes
+give the eager outputs and gradients within float tolerance, and the model stays the same
+nn.Module for everything else (modes, the c/w split, AGAIN's heads, checkpoints)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+import models
+
+
+def _pair():
+    """Two cnn_b copies with the same weights and an ASE head (AGAIN's model), channels_last on
+    the CPU as every script prepares them; the second compiled."""
+    out = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        m = models.build('cnn_b', 10, 1, width=0.125, ase_layer=5)
+        out.append(common.prepare_model(m, 'cpu'))
+    eager, compiled = out
+    assert common.compile_model(compiled, 'default') is compiled
+    return eager, compiled
+
+
+def _close(a, b, what):
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), f"{what}: max diff {(a - b).abs().max().item():.3g}"
+
+
+def test_compiled_passes_equal_eager_ones():
+    eager, compiled = _pair()
+    torch.manual_seed(1)
+    x = torch.rand(8, 1, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (8,))
+
+    # an attack pass: eval mode, CE loss, gradient w.r.t. the input
+    grads = []
+    for m in (eager, compiled):
+        m.eval()
+        xx = x.clone().requires_grad_(True)
+        logits = m(xx)
+        grads.append((logits.detach(), torch.autograd.grad(F.cross_entropy(logits, y), xx)[0]))
+    _close(grads[0][0], grads[1][0], 'eval logits')
+    _close(grads[0][1], grads[1][1], 'input gradient')
+    assert grads[1][1].abs().sum() > 0
+
+    # a training pass through the c/w split (features, then fc), as AELF/JT/AT-id write it,
+    # plus AGAIN's forward_heads with the training weighting of Eq. (4)
+    y_fake = torch.roll(y, 1)
+    for m in (eager, compiled):
+        m.train()
+        m.zero_grad()
+        f = m.features(x)
+        main, ase = m.forward_heads(x, y=y, y_fake=y_fake)
+        loss = F.cross_entropy(m.fc(f), y) + F.cross_entropy(main, y) + F.cross_entropy(ase, y)
+        loss.backward()
+        m.loss = loss.detach()
+    _close(eager.loss, compiled.loss, 'training loss')
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        _close(p.grad, q.grad, f'weight gradient {name}')
+    for (name, b), c in zip(eager.named_buffers(), compiled.buffers()):   # BN running stats
+        _close(b.float(), c.float(), f'buffer {name}')
+
+    # back to eval after training: the compiled model follows the mode switch
+    eager.eval(), compiled.eval()
+    with torch.no_grad():
+        _close(eager(x), compiled(x), 'eval logits after train()')
+        _close(compiled(x), compiled.fc(compiled.features(x)), 'forward = fc(features)')
+
+
+def test_compiled_model_keeps_its_state_dict_and_default_is_eager():
+    eager, compiled = _pair()
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    compiled.load_state_dict(eager.state_dict())                    # checkpoints load either way
+    assert 'features' in vars(compiled) and 'forward_heads' in vars(compiled)
+    plain = models.build('cnn_b', 10, 1, width=0.125)
+    assert common.compile_model(plain, None) is plain and 'features' not in vars(plain)
+    with pytest.raises(common.UserError, match='--compile'):
+        common.compile_model(plain, 'fastest')
