@@ -57,8 +57,8 @@ class PassRecorder:
     """Patches common.build_model / seed_epoch / accuracy to record the training passes of the
     epoch ``record_epoch`` (0-based) and, optionally, profile them."""
 
-    def __init__(self, record_epoch=1, profile=False):
-        self.record_epoch, self.profile = record_epoch, profile
+    def __init__(self, record_epoch=1, profile=False, hook=True):
+        self.record_epoch, self.profile, self.use_hook = record_epoch, profile, hook
         self.passes, self.recording, self.args, self.profiler = [], False, None, None
         self._originals = {}
 
@@ -82,7 +82,8 @@ class PassRecorder:
         def recording_build_model(args, **extra):
             model = build_model(args, **extra)
             self.args = args
-            model.stages[0].register_forward_pre_hook(self._hook)
+            if self.use_hook:
+                model.stages[0].register_forward_pre_hook(self._hook)
             return model
 
         def recording_seed_epoch(seed, epoch):
@@ -183,8 +184,22 @@ def main():
     if a.contiguous:
         common.use_channels_last = lambda dev: torch.device(dev).type == 'cuda'
     prepare = common.prepare_model
-    if a.compile:     # the script's model (the bare loop's is compiled in bare_seconds)
-        common.prepare_model = lambda model, dev: common.compile_model(prepare(model, dev), a.compile)
+    rec = PassRecorder(profile=a.profile, hook=not a.compile)
+
+    def prepare_compiled(model, dev):
+        """The script's model compiled (the bare loop's is compiled in bare_seconds). Its passes
+        are recorded by wrappers around the compiled callables, outside the graphs: a hook on
+        stages[0] would sit inside them and break each graph in two."""
+        model = common.compile_model(prepare(model, dev), a.compile)
+        for name in ('features', 'forward_heads'):
+            if name in vars(model):
+                def recorded(x, *args, _fn=vars(model)[name], **kw):
+                    rec._hook(model, (x,))
+                    return _fn(x, *args, **kw)
+                setattr(model, name, recorded)
+        return model
+    if a.compile:
+        common.prepare_model = prepare_compiled
     with tempfile.TemporaryDirectory() as tmp:
         base = ['--data-dir', a.data_dir, '--width', str(a.width), '--train-size', str(128 * a.batches),
                 '--test-size', '128', '--eval-size', '128', '--epochs', '2', '--batch-size', '128',
@@ -193,7 +208,7 @@ def main():
         if Path(a.script).name == 'train_aelfs.py' and '--init' not in extra:
             run_script(str(ROOT / 'train_at.py'), base + ['--standard', '--epochs', '1', '--out', tmp + '/st'])
             extra += ['--init', tmp + '/st/last.pt']
-        with PassRecorder(profile=a.profile) as rec:
+        with rec:
             t0 = time.perf_counter()
             run_script(script, base + extra + ['--out', tmp + '/run'])
             script_wall = time.perf_counter() - t0
