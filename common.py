@@ -225,7 +225,9 @@ COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune')
 
 
 def compile_model(model, mode):
-    """--compile: torch.compile the model's passes in place; ``mode`` None leaves it eager.
+    """torch.compile the model's passes in place; ``mode`` None leaves it eager. Used by
+    ``tests/bench_overhead.py --compile`` only: no script has a --compile flag yet, because on
+    the CPU it made no adversarial training faster (README "Speed"); a GPU measurement decides.
 
     The feature extractor ``model.features`` (c of the c/w split: every conv, norm and pool) and,
     for AGAIN's models, ``model.forward_heads`` are replaced on this instance by compiled

@@ -27,6 +27,8 @@ def _close(a, b, what):
 
 
 def test_compiled_passes_equal_eager_ones():
+    from torch._dynamo.utils import counters
+    graphs_before = counters['stats']['unique_graphs']
     eager, compiled = _pair()
     torch.manual_seed(1)
     x = torch.rand(8, 1, 32, 32).contiguous(memory_format=torch.channels_last)
@@ -65,6 +67,8 @@ def test_compiled_passes_equal_eager_ones():
     with torch.no_grad():
         _close(eager(x), compiled(x), 'eval logits after train()')
         _close(compiled(x), compiled.fc(compiled.features(x)), 'forward = fc(features)')
+    # the equalities above would hold trivially if compile_model left the model eager
+    assert counters['stats']['unique_graphs'] > graphs_before, 'compile_model compiled nothing'
 
 
 def test_compiled_model_keeps_its_state_dict_and_default_is_eager():
