@@ -39,12 +39,20 @@ def pgd(model, x, y, eps, steps, step_size, random_start=False, loss='ce', x_ini
       from x + 0.001 * N(0, 1) and projects only after its first step).
     - Returns a detached tensor; with eps == 0 or steps == 0 it returns x (detached).
     - Works inside a CUDA autocast context: the loss is read in float32, x_adv stays float32.
+    - On a model compiled by ``common.compile_model`` the weights are marked as not requiring
+      gradients while attacking (and restored after): a compiled graph's backward computes the
+      gradient of every input it was traced with, the weights' too, where eager autograd
+      computes only the input's (1.6x faster attack steps on the CPU, README "Speed"). Eager
+      models are left as they are (there it made the steps slower).
     """
     x = x.detach()
     if eps <= 0 or steps <= 0:
         return x
     was_training = model.training
     model.eval()
+    frozen = [p for p in model.parameters() if p.requires_grad] if getattr(model, 'compiled', None) else []
+    for p in frozen:
+        p.requires_grad_(False)
     try:
         if x_init is not None:
             x_adv = x_init.detach().clone()          # as given: TRADES Alg. 1 takes its first
@@ -65,3 +73,5 @@ def pgd(model, x, y, eps, steps, step_size, random_start=False, loss='ce', x_ini
         return x_adv.detach()
     finally:
         model.train(was_training)
+        for p in frozen:
+            p.requires_grad_(True)

@@ -225,9 +225,8 @@ COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune')
 
 
 def compile_model(model, mode):
-    """torch.compile the model's passes in place; ``mode`` None leaves it eager. Used by
-    ``tests/bench_overhead.py --compile`` only: no script has a --compile flag yet, because on
-    the CPU it made no adversarial training faster (README "Speed"); a GPU measurement decides.
+    """torch.compile the model's passes in place (``--compile MODE``); ``mode`` None leaves it
+    eager. README "Speed" has what it gains and costs per script.
 
     The feature extractor ``model.features`` (c of the c/w split: every conv, norm and pool) and,
     for AGAIN's models, ``model.forward_heads`` are replaced on this instance by compiled
@@ -246,9 +245,12 @@ def compile_model(model, mode):
     for name in ('recompile_limit', 'cache_size_limit'):    # (modes x grad x shapes) > 8 entries
         if hasattr(config, name):
             setattr(config, name, max(getattr(config, name), 64))
-    model.features = torch.compile(model.features, mode=mode)
+    # dynamic=False: a new batch shape (the last, smaller batch; the test batches) compiles its
+    # own static graph instead of turning every later graph into a slower shape-generic one
+    model.features = torch.compile(model.features, mode=mode, dynamic=False)
     if getattr(model, 'ase', None) is not None:
-        model.forward_heads = torch.compile(model.forward_heads, mode=mode)
+        model.forward_heads = torch.compile(model.forward_heads, mode=mode, dynamic=False)
+    model.compiled = mode         # attacks.pgd then traces its passes with the weights as constants
     return model
 
 
@@ -458,6 +460,9 @@ def add_common_args(parser):
     g.add_argument('--seed', type=int)
     g.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
     g.add_argument('--amp', action='store_true', help='bfloat16 autocast on CUDA')
+    g.add_argument('--compile', choices=COMPILE_MODES,
+                   help='torch.compile the model (README "Speed": faster on the CPU after a '
+                        'compilation of 10-40 s; reduce-overhead adds CUDA graphs on a GPU)')
     g.add_argument('--out', help='run folder (default runs/<script>-<dataset>-<model>-s<seed>)')
     g.add_argument('--resume', action='store_true', help='continue from <out>/last.pt')
     g.add_argument('--overwrite', action='store_true', help='replace a finished run in <out>')

@@ -149,6 +149,7 @@ def main(argv=None):
     device = common.get_device(args.device)
     common.seed_everything(args.seed)
     model = common.prepare_model(common.build_model(args), device)
+    common.compile_model(model, args.compile)          # --compile: README "Speed"
     run = common.Run(args, 'aelfs')
     st_path = os.path.join(run.dir, 'st.pt')
     if args.init:

@@ -209,6 +209,7 @@ def main(argv=None):
     extra = {} if args.no_ase else {'ase_layer': args.ase_layer}
     model = common.prepare_model(common.build_model(args, **extra), device)
     proxy = copy.deepcopy(model) if args.awp_gamma > 0 else None
+    common.compile_model(model, args.compile)          # --compile (after the copy: README "Speed")
     name = 'again' + ('-mart' if args.base == 'mart' else '') + ('-awp' if args.awp_gamma else '')
     run = common.Run(args, name)
     train_set, test_set = common.load_data(args, device)

@@ -49,6 +49,7 @@ def main(argv=None):
     device = common.get_device(args.device)
     common.seed_everything(args.seed)
     model = common.prepare_model(common.build_model(args), device)
+    common.compile_model(model, args.compile)          # --compile: README "Speed"
     run = common.Run(args, 'st' if args.standard else 'at')
     if args.init and run.resume_ckpt is None:
         common.load_weights_into(model, args.init)           # one-line error for another model

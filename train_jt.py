@@ -76,6 +76,7 @@ def main(argv=None):
     device = common.get_device(args.device)
     common.seed_everything(args.seed)
     model = common.prepare_model(common.build_model(args), device)
+    common.compile_model(model, args.compile)          # --compile: README "Speed"
     run = common.Run(args, 'jtstar' if args.init or args.beta else 'jt')
     if args.init:
         common.load_weights_into(model, args.init)          # JT*: ST initialisation

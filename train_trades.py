@@ -84,6 +84,7 @@ def main(argv=None):
     device = common.get_device(args.device)
     common.seed_everything(args.seed)
     model = common.prepare_model(common.build_model(args), device)
+    common.compile_model(model, args.compile)          # --compile: README "Speed"
     run = common.Run(args, 'trades')
     train_set, test_set = common.load_data(args, device)
     eval_set = test_set.head(args.eval_size)

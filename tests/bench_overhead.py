@@ -31,6 +31,7 @@ With ``--compile MODE`` the script's model and the bare loop's model are compile
 ``common.compile_model`` (torch.compile of ``features`` / ``forward_heads``; MODE default,
 reduce-overhead or max-autotune); epoch 1 of the script pays the compilation, epoch 2 is the
 compiled steady state, and the output adds the script's epoch-1 seconds and whole wall time.
+The bare loop's attack passes then hold the weights as constants, as attacks.pgd does.
 
 Not a test (pytest does not collect it). AELFs needs an ST checkpoint: one epoch of
 ``train_at.py --standard`` on the same images is run first and passed as ``--init``.
@@ -130,10 +131,16 @@ def bare_seconds(args, passes, device, reps, compile_mode=None):
               for _, shape in passes}
     labels = {shape: torch.randint(0, 10, shape[:1], device=device) for _, shape in passes}
 
+    def weights_need_grad(flag):      # as attacks.pgd does on a compiled model
+        if compile_mode:
+            for p in model.parameters():
+                p.requires_grad_(flag)
+
     def epoch():
         loss = None
         for i, (kind, shape) in enumerate(passes):
             x, y = inputs[shape], labels[shape]
+            weights_need_grad(kind != 'attack')
             if kind == 'attack':
                 model.eval()
                 x = x.clone().requires_grad_(True)

@@ -80,3 +80,55 @@ def test_compiled_model_keeps_its_state_dict_and_default_is_eager():
     assert common.compile_model(plain, None) is plain and 'features' not in vars(plain)
     with pytest.raises(common.UserError, match='--compile'):
         common.compile_model(plain, 'fastest')
+
+
+def test_pgd_on_a_compiled_model_treats_the_weights_as_constants_and_restores_them():
+    import attacks
+    eager, compiled = _pair()
+    torch.manual_seed(2)
+    x = torch.rand(8, 1, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (8,))
+    compiled.fc.bias.requires_grad_(False)           # a frozen parameter stays frozen afterwards
+    eager.fc.bias.requires_grad_(False)
+    seen = {}
+
+    def ce(model, x_adv, y):                         # PGD's CE, noting the weights' flags
+        seen[model is compiled] = {p.requires_grad for p in model.parameters()}
+        return F.cross_entropy(model(x_adv), y, reduction='sum')
+    adv = [attacks.pgd(m, x, y, 0.1, 3, 0.03, loss=ce) for m in (eager, compiled)]
+    assert seen == {False: {True, False}, True: {False}}   # only the compiled model's are frozen
+    _close(adv[0], adv[1], 'PGD examples')
+    assert (adv[1] - x).abs().max() <= 0.1 + 1e-6 and (adv[1] != x).any()
+    # the weights are graph inputs, not constants baked in while they were frozen: a training
+    # step's new weights reach the next attack
+    with torch.no_grad():
+        for p, q in zip(eager.parameters(), compiled.parameters()):
+            noise = 0.2 * torch.randn_like(p)
+            p.add_(noise), q.add_(noise)
+    again = [attacks.pgd(m, x, y, 0.1, 3, 0.03, loss=ce) for m in (eager, compiled)]
+    _close(again[0], again[1], 'PGD examples after a weight update')
+    assert not torch.allclose(again[1], adv[1])
+    def flags(m):
+        return {name: p.requires_grad for name, p in m.named_parameters()}
+    expected = {name: name != 'fc.bias' for name, _ in eager.named_parameters()}
+    assert flags(eager) == flags(compiled) == expected   # flags restored, also after an error
+
+    def broken(model, x_adv, y):
+        raise RuntimeError('boom')
+    with pytest.raises(RuntimeError, match='boom'):
+        attacks.pgd(compiled, x, y, 0.1, 3, 0.03, loss=broken)
+    assert flags(compiled) == expected
+
+
+def test_each_batch_shape_gets_its_own_static_graph():
+    """The last, smaller batch of an epoch must not turn the compiled passes shape-generic
+    (dynamic=False): three shapes, three graphs, each giving the eager logits."""
+    from torch._dynamo.utils import counters
+    eager, compiled = _pair()
+    eager.eval(), compiled.eval()
+    before = counters['stats']['unique_graphs']
+    with torch.no_grad():
+        for n in (6, 5, 3):
+            x = torch.rand(n, 1, 32, 32).contiguous(memory_format=torch.channels_last)
+            _close(eager(x), compiled(x), f'logits of a batch of {n}')
+    assert counters['stats']['unique_graphs'] - before == 3

@@ -1,0 +1,111 @@
+#!/bin/bash
+# The GPU work of issues 15 and 16, written and dry-run on the CPU beforehand so that a lent
+# GPU's minutes go to running it. Not a test. On the GPU machine, from the repository root, with
+# `.gpu` carried as ../shared/device-notes.md says (pyautoattack's code, MNIST's four .gz files):
+#
+#     bash tests/gpu_session.sh STAGE [STAGE ...]
+#
+#   check    issue 15 part 1: nvidia-smi, then tests/test_cuda.py (every script on CUDA, fp32
+#            and --amp, ResNet-18 and WRN on synthetic CIFAR, AutoAttack)           ~3 min
+#   speed    issue 15 part 3: tests/bench_overhead.py for every script, fp32 and --amp, full
+#            cnn_b; one ResNet-18 PGD-10 row on synthetic CIFAR; bench_reference AT and TRADES
+#            (issue 16 part 1 on the GPU)                                           ~6 min
+#   compile  issue 16 part 2: AT, TRADES, AGAIN with --compile default and reduce-overhead,
+#            fp32 and --amp, after their eager rows in `speed`                      ~4 min
+#   table2   issue 15 part 2: starts ST, AT, JT, AELFs, TRADES and AELF at the paper protocol
+#            (the scripts' defaults, seed 8) side by side in the background (setsid)
+#   poll     one line per table-2 run (its last epoch), and their logs into $OUT
+#   eval     eval.py --shift 8 (whole test set) and --autoattack (first 1,000) for every
+#            finished table-2 run, in the background; `poll` brings the results back
+#
+# Everything lands in $OUT (one .log and one .jsonl per stage, table2.tar.gz), at most 8 files.
+# For a dry run on the CPU: GPU_SESSION_DEVICE=cpu GPU_SESSION_SMALL=1 OUT=/tmp/o bash tests/gpu_session.sh check speed
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONPATH=$PWD/.gpu/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+DEV=${GPU_SESSION_DEVICE:-cuda}
+SMALL=${GPU_SESSION_SMALL:-}
+DATA=.gpu/data
+PY=${PYTHON:-python3}
+OUT=${OUT:?set OUT to the folder whose files come back}
+mkdir -p "$OUT"
+if [ -n "$SMALL" ]; then           # the dry run: narrow models, few batches, tiny table 2
+    DATA=${GPU_SESSION_DATA:-../shared/data}; WIDTH=0.125; BATCHES=2; REPS=1
+    TABLE=(--width 0.125 --train-size 256 --test-size 64 --epochs 1 --steps 2)
+    AELFS=(--st-epochs 1); AA_SIZE=32; SYNTH=$OUT/../synth
+else
+    WIDTH=1; BATCHES=50; REPS=5; TABLE=(); AELFS=(); AA_SIZE=1000; SYNTH=.gpu/synth
+fi
+SCRIPTS="train_at.py train_jt.py train_trades.py train_aelf.py train_aelfs.py train_again.py train_att_id.py"
+
+bench() {   # bench() LABEL ARGS...: one bench_overhead JSON line into speed.jsonl / compile.jsonl
+    local file=$1; shift
+    echo "== $*" >> "$OUT/$file.log"
+    $PY tests/bench_overhead.py --device "$DEV" --data-dir "$DATA" --width "$WIDTH" \
+        --batches "$BATCHES" --reps "$REPS" "$@" 2>>"$OUT/$file.log" | tee -a "$OUT/$file.log" \
+        | grep '^{' >> "$OUT/$file.jsonl" || echo "FAILED: $*" | tee -a "$OUT/$file.log"
+}
+
+for stage in "$@"; do
+  t0=$(date +%s)
+  case $stage in
+  check)
+    { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
+      $PY -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else "no cuda")'
+      ADV_TEST_DEVICE=$DEV $PY -m pytest -q -x tests/test_cuda.py 2>&1; } > "$OUT/check.log"
+    tail -3 "$OUT/check.log" ;;
+  speed)
+    for s in $SCRIPTS; do
+      [ $s = train_att_id.py ] && extra=(--model cnn_b) || extra=()     # its MNIST default is madry_cnn
+      bench speed --script $s -- "${extra[@]}"
+      bench speed --script $s -- "${extra[@]}" --amp
+    done
+    [ -d "$SYNTH" ] || $PY -c "import sys; sys.path.insert(0, 'tests'); import conftest; \
+        conftest.write_cifar('$SYNTH', 10, n_per_batch=$((128 * BATCHES / 5 + 128)))"
+    for amp in "" --amp; do    # AGAIN Table 2's model and budget: ResNet-18, PGD-10 (eps 8/255)
+      bench speed --script train_at.py --data-dir "$SYNTH" -- --dataset cifar10 --model resnet18 \
+          --eps 0.0314 --steps 10 --step-size 0.0078 --random-start $amp
+    done
+    for m in at trades; do
+      $PY tests/bench_reference.py --method $m --device "$DEV" --data-dir "$DATA" --width "$WIDTH" \
+          --batches "$BATCHES" 2>>"$OUT/speed.log" | grep '^{' >> "$OUT/speed.jsonl"
+    done ;;
+  compile)
+    for s in train_at.py train_trades.py train_again.py; do
+      for mode in default reduce-overhead; do
+        bench compile --script $s --compile $mode
+        bench compile --script $s --compile $mode -- --amp
+      done
+    done ;;
+  table2)
+    mkdir -p runs/table2
+    common=(--dataset mnist --data-dir "$DATA" --device "$DEV" "${TABLE[@]}")
+    start() {  # start NAME SCRIPT ARGS...
+      local name=$1; shift
+      setsid nohup $PY "$@" "${common[@]}" --out runs/table2/$name > runs/table2/$name.out 2>&1 < /dev/null &
+    }
+    start st train_at.py --standard
+    start at train_at.py
+    start jt train_jt.py                 # JT 0.5:0.5 (its defaults)
+    start aelfs train_aelfs.py "${AELFS[@]}"        # its own ST phase first (the ST protocol), then AELFs
+    start trades train_trades.py
+    start aelf train_aelf.py
+    sleep 20; tail -n 2 runs/table2/*.out ;;
+  eval)
+    for d in runs/table2/*/; do
+      name=$(basename $d)
+      [ -f $d/final.json ] || { echo "$name: not finished"; continue; }
+      [ -f runs/table2/$name.eval.json ] && continue
+      setsid nohup bash -c "$PY eval.py --ckpt $d --data-dir $DATA --device $DEV --no-table --shift 8 \
+          --json runs/table2/$name.shift.json > runs/table2/$name.shift.out 2>&1; \
+          $PY eval.py --ckpt $d --data-dir $DATA --device $DEV --autoattack --test-size $AA_SIZE \
+          --json runs/table2/$name.eval.json > runs/table2/$name.eval.out 2>&1" < /dev/null > /dev/null 2>&1 &
+    done; sleep 5 ;;
+  poll)
+    for f in runs/table2/*.out; do echo "$f: $(grep -E '^epoch|done in|ERROR|rror' $f | tail -n 1)"; done
+    tar czf "$OUT/table2.tar.gz" runs/table2/*.out runs/table2/*.json runs/table2/*/log.jsonl \
+        runs/table2/*/final.json 2>/dev/null ;;
+  *) echo "unknown stage $stage (check speed compile table2 poll eval)"; exit 2 ;;
+  esac
+  echo "[$stage: $(( $(date +%s) - t0 )) s]"
+done
