@@ -32,9 +32,9 @@ mkdir -p "$OUT"
 if [ -n "$SMALL" ]; then           # the dry run: narrow models, few batches, tiny table 2
     DATA=${GPU_SESSION_DATA:-../shared/data}; WIDTH=0.125; BATCHES=2; REPS=1
     TABLE=(--width 0.125 --train-size 256 --test-size 64 --epochs 1 --steps 2)
-    AELFS=(--st-epochs 1); AA_SIZE=32; SYNTH=$OUT/../synth
+    AELFS=(--st-epochs 1); AA_SIZE=32; SHIFT_SIZE=(--test-size 64); SYNTH=$OUT/../synth
 else
-    WIDTH=1; BATCHES=50; REPS=5; TABLE=(); AELFS=(); AA_SIZE=1000; SYNTH=.gpu/synth
+    WIDTH=1; BATCHES=50; REPS=5; TABLE=(); AELFS=(); AA_SIZE=1000; SHIFT_SIZE=(); SYNTH=.gpu/synth
 fi
 SCRIPTS="train_at.py train_jt.py train_trades.py train_aelf.py train_aelfs.py train_again.py train_att_id.py"
 
@@ -64,7 +64,7 @@ for stage in "$@"; do
         conftest.write_cifar('$SYNTH', 10, n_per_batch=$((128 * BATCHES / 5 + 128)))"
     for amp in "" --amp; do    # AGAIN Table 2's model and budget: ResNet-18, PGD-10 (eps 8/255)
       bench speed --script train_at.py --data-dir "$SYNTH" -- --dataset cifar10 --model resnet18 \
-          --eps 0.0314 --steps 10 --step-size 0.0078 --random-start $amp
+          --eps 0.0314 --steps 10 --step-size 0.0157 --random-start $amp
     done
     for m in at trades; do
       $PY tests/bench_reference.py --method $m --device "$DEV" --data-dir "$DATA" --width "$WIDTH" \
@@ -95,14 +95,16 @@ for stage in "$@"; do
     for d in runs/table2/*/; do
       name=$(basename $d)
       [ -f $d/final.json ] || { echo "$name: not finished"; continue; }
-      [ -f runs/table2/$name.eval.json ] && continue
-      setsid nohup bash -c "$PY eval.py --ckpt $d --data-dir $DATA --device $DEV --no-table --shift 8 \
+      [ -f runs/table2/$name.shift.out ] && continue           # started already
+      setsid nohup bash -c "$PY eval.py --ckpt $d/last.pt --data-dir $DATA --device $DEV --no-table --shift 8 ${SHIFT_SIZE[*]} \
           --json runs/table2/$name.shift.json > runs/table2/$name.shift.out 2>&1; \
-          $PY eval.py --ckpt $d --data-dir $DATA --device $DEV --autoattack --test-size $AA_SIZE \
+          $PY eval.py --ckpt $d/last.pt --data-dir $DATA --device $DEV --autoattack --test-size $AA_SIZE \
           --json runs/table2/$name.eval.json > runs/table2/$name.eval.out 2>&1" < /dev/null > /dev/null 2>&1 &
     done; sleep 5 ;;
   poll)
-    for f in runs/table2/*.out; do echo "$f: $(grep -E '^epoch|done in|ERROR|rror' $f | tail -n 1)"; done
+    for f in runs/table2/*.out; do
+      echo "$f: $( (grep -E '^epoch|done in|rror' $f || tail -n 1 $f) | tail -n 1)"
+    done
     tar czf "$OUT/table2.tar.gz" runs/table2/*.out runs/table2/*.json runs/table2/*/log.jsonl \
         runs/table2/*/final.json 2>/dev/null ;;
   *) echo "unknown stage $stage (check speed compile table2 poll eval)"; exit 2 ;;
