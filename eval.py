@@ -102,6 +102,9 @@ def parse_args(argv=None):
     g.add_argument('--sanity', action='store_true', help='checks against gradient masking')
     g.add_argument('--square-queries', type=int, default=5000,
                    help="queries of --sanity's gradient-free attack (AutoAttack's Square: 5000)")
+    p.add_argument('--compile', choices=common.COMPILE_MODES,
+                   help='torch.compile a copy of the model for the PGD columns; AutoAttack and the '
+                        'analyses run eager (README "Speed")')
     p.add_argument('--seed', type=int, default=0, help='seed for random starts and AutoAttack')
     p.add_argument('--json', help='write the numbers to this JSON file as well')
     args = p.parse_args(argv)
@@ -210,6 +213,10 @@ def evaluate(path, args, device):
     ckpt = common.load_checkpoint(path)
     model = common.model_from_checkpoint(ckpt, device, path)
     model.eval()
+    # --compile: a compiled copy for the PGD columns; AutoAttack (which attacks shrinking subsets
+    # of a batch: each new shape would compile again) and the analyses use the eager model
+    table_model = model if not args.compile else common.compile_model(
+        common.model_from_checkpoint(ckpt, device, path).eval(), args.compile)
     a = ckpt['args']
     test = load_test_split(ckpt, args, device)
     eps, train_steps, train_step_size, train_rand = training_attack(a, args.eps)
@@ -263,7 +270,7 @@ def evaluate(path, args, device):
         attacks, columns = {}, []
     for name, attack in attacks.items():
         common.seed_everything(args.seed)
-        masks[name] = common.correct(model, test, attack, args.batch_size)
+        masks[name] = common.correct(table_model, test, attack, args.batch_size)
         row[name + '_acc'] = 100.0 * masks[name].sum().item() / len(test)
     if args.autoattack and not args.no_table:
         columns.append(('AA', 'autoattack'))

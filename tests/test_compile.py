@@ -132,3 +132,22 @@ def test_each_batch_shape_gets_its_own_static_graph():
             x = torch.rand(n, 1, 32, 32).contiguous(memory_format=torch.channels_last)
             _close(eager(x), compiled(x), f'logits of a batch of {n}')
     assert counters['stats']['unique_graphs'] - before == 3
+
+
+def test_eval_compile_gives_the_eager_table(data_dir, tmp_path):
+    """eval.py --compile: the PGD columns on a compiled copy equal the eager ones (to one image:
+    a float difference may flip a borderline example), AutoAttack stays on the eager model."""
+    import eval as evaluation
+    from torch._dynamo.utils import counters
+    from conftest import QUICK, run_ok
+    run_ok('train_at.py', '--data-dir', data_dir, '--out', tmp_path / 'at', *QUICK)
+    ckpt = str(tmp_path / 'at' / 'last.pt')
+    rows = []
+    for extra in ([], ['--compile', 'default']):
+        args = evaluation.parse_args(['--ckpt', ckpt, '--data-dir', str(data_dir), '--test-size', '32',
+                                      '--device', 'cpu', *extra])
+        before = counters['stats']['unique_graphs']
+        rows.append(evaluation.evaluate(ckpt, args, torch.device('cpu')))
+        assert (counters['stats']['unique_graphs'] > before) == bool(extra)
+    for key in ('natural_acc', 'pgd_train_acc', 'pgd20_acc', 'cw20_acc'):
+        assert abs(rows[0][key] - rows[1][key]) <= 100 / 32 + 1e-9, key
