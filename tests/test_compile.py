@@ -151,3 +151,15 @@ def test_eval_compile_gives_the_eager_table(data_dir, tmp_path):
         assert (counters['stats']['unique_graphs'] > before) == bool(extra)
     for key in ('natural_acc', 'pgd_train_acc', 'pgd20_acc', 'cw20_acc'):
         assert abs(rows[0][key] - rows[1][key]) <= 100 / 32 + 1e-9, key
+
+
+def test_again_with_awp_trains_compiled(data_dir, tmp_path):
+    """The script whose model has a copy (AGAIN-AWP's proxy, made before compile_model) and an
+    ASE head, end to end under --compile: it finishes and logs finite losses."""
+    from conftest import QUICK, read_log, run_ok
+    out = tmp_path / 'again'
+    run_ok('train_again.py', '--data-dir', data_dir, '--out', out, *QUICK, '--base', 'mart',
+           '--awp-gamma', '0.005', '--awp-warmup', '0', '--compile', 'default')
+    (rec,) = read_log(out)
+    assert torch.isfinite(torch.tensor(rec['train_loss'])) and 'again_steps' in rec
+    assert common.load_checkpoint(str(out / 'last.pt'))['args']['compile'] == 'default'

@@ -121,3 +121,12 @@ def test_resume_on_the_device_continues_the_run(data_dir, tmp_path):
     for k in a:
         if a[k].is_floating_point():
             assert (a[k] - b[k]).norm() <= 0.05 * a[k].norm() + 1e-6, k
+
+
+@pytest.mark.parametrize('mode', ['default', 'reduce-overhead'])
+def test_compiled_training_on_the_device(mode, data_dir, tmp_path):
+    """--compile (CUDA graphs with reduce-overhead) under --amp: the run finishes, finite."""
+    out = tmp_path / mode
+    run_ok('train_at.py', '--data-dir', data_dir, '--out', out, *MNIST, '--amp', '--compile', mode)
+    (rec,) = read_log(out)
+    assert torch.isfinite(torch.tensor(rec['train_loss'])) and 0 <= rec['test_adv'] <= rec['test_nat']

@@ -100,6 +100,7 @@ def test_every_script_prints_its_help():
                    'train_again.py', 'train_att_id.py', 'eval.py'):
         proc = run_script(script, '--help')
         assert proc.returncode == 0 and 'usage:' in proc.stdout, (script, proc.stderr[-500:])
+        assert '--compile' in proc.stdout, script          # README "Speed": every script has it
 
 
 def _start(script, *args):
