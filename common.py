@@ -462,7 +462,7 @@ def add_common_args(parser):
     g.add_argument('--amp', action='store_true', help='bfloat16 autocast on CUDA')
     g.add_argument('--compile', choices=COMPILE_MODES,
                    help='torch.compile the model (README "Speed": faster on the CPU after a '
-                        'compilation of 10-40 s; reduce-overhead adds CUDA graphs on a GPU)')
+                        'compilation of 10-50 s; reduce-overhead adds CUDA graphs on a GPU)')
     g.add_argument('--out', help='run folder (default runs/<script>-<dataset>-<model>-s<seed>)')
     g.add_argument('--resume', action='store_true', help='continue from <out>/last.pt')
     g.add_argument('--overwrite', action='store_true', help='replace a finished run in <out>')

@@ -19,6 +19,11 @@
 #            finished table-2 run, in the background; `poll` brings the results back
 #
 # Everything lands in $OUT (one .log and one .jsonl per stage, table2.tar.gz), at most 8 files.
+# Budget: a lease has 15 minutes of device time, its start included. `check speed compile` is
+# meant for one call. Table 2 at the paper protocol is about 2e16 FLOP per adversarial run (3M
+# images x ~35 passes of a 190-MFLOP cnn_b), so six runs side by side need the GPU to sustain
+# ~100 TFLOP/s on these small convolutions to end in one lease: read `speed`'s img/s first, and
+# run only what fits (runs and checkpoints die with the machine).
 # For a dry run on the CPU: GPU_SESSION_DEVICE=cpu GPU_SESSION_SMALL=1 OUT=/tmp/o bash tests/gpu_session.sh check speed
 set -u
 cd "$(dirname "$0")/.."
