@@ -108,16 +108,17 @@ def test_pgd_on_a_compiled_model_treats_the_weights_as_constants_and_restores_th
     again = [attacks.pgd(m, x, y, 0.1, 3, 0.03, loss=ce) for m in (eager, compiled)]
     _close(again[0], again[1], 'PGD examples after a weight update')
     assert not torch.allclose(again[1], adv[1])
+
     def flags(m):
         return {name: p.requires_grad for name, p in m.named_parameters()}
     expected = {name: name != 'fc.bias' for name, _ in eager.named_parameters()}
-    assert flags(eager) == flags(compiled) == expected   # flags restored, also after an error
+    assert flags(eager) == flags(compiled) == expected   # flags restored after the attacks...
 
     def broken(model, x_adv, y):
         raise RuntimeError('boom')
     with pytest.raises(RuntimeError, match='boom'):
         attacks.pgd(compiled, x, y, 0.1, 3, 0.03, loss=broken)
-    assert flags(compiled) == expected
+    assert flags(compiled) == expected                     # ...and after an error
 
 
 def test_each_batch_shape_gets_its_own_static_graph():
