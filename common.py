@@ -32,6 +32,7 @@ def main_guard(main):
     """Run ``main`` so that a UserError (or Ctrl-C) ends the program with one line."""
     @functools.wraps(main)
     def wrapper(argv=None):
+        held = len(FolderLock.held)
         try:
             return main(argv)
         except UserError as e:
@@ -41,6 +42,9 @@ def main_guard(main):
             print("interrupted: the run folder keeps the last finished epoch (use --resume)",
                   file=sys.stderr)
             sys.exit(130)
+        finally:       # the run folders this call locked are free again (main called in-process)
+            for lock in FolderLock.held[held:]:
+                lock.release()
     return wrapper
 
 
@@ -103,10 +107,8 @@ def _torchvision_dataset(name, root, train):
     return Cifar(root, train=train, download=True)
 
 
-def load_split(name, data_dir, train, image_size=None, device='cpu', size=None):
-    """Return a Split of dataset ``name`` ('mnist', 'cifar10', 'cifar100') on ``device``.
-    ``image_size``: resize (bilinear, once, at load time) when it differs from the native size
-    (MNIST 28 -> 32 for CNN_B, AELF Appendix C). ``size``: keep the first ``size`` examples."""
+def read_split(name, data_dir, train):
+    """(x uint8 N x C x H x W, y int64) of a whole split, on the CPU, at its native size."""
     if name not in DATASETS:
         raise UserError(f"unknown dataset {name!r}: choose from {', '.join(DATASETS)}")
     info = DATASETS[name]
@@ -118,18 +120,30 @@ def load_split(name, data_dir, train, image_size=None, device='cpu', size=None):
         raise UserError(f"could not load {name} from {data_dir!r} ({reason}); when offline, "
                         f"place torchvision's files there by hand: {expected}") from None
     x = torch.as_tensor(ds.data)
-    y = torch.as_tensor(ds.targets, dtype=torch.long)
-    if size is not None:
-        x, y = x[:size], y[:size]
     x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # N x C x H x W
+    return x, torch.as_tensor(ds.targets, dtype=torch.long)
+
+
+def make_split(x, y, image_size=None, device='cpu'):
+    """A Split of (x, y) on ``device``, resized (bilinear, once) when ``image_size`` differs from
+    the native size (MNIST 28 -> 32 for CNN_B, AELF Appendix C)."""
     if image_size and image_size != x.shape[-1]:
         out = []
         for chunk in x.split(8192):
             r = torch.nn.functional.interpolate(chunk.float(), size=(image_size, image_size),
                                                 mode='bilinear', align_corners=False)
             out.append(r.round_().clamp_(0, 255).to(torch.uint8))
-        x = torch.cat(out)
+        x = torch.cat(out) if out else x.new_zeros((0, x.shape[1], image_size, image_size))
     return Split(x.contiguous().to(device), y.to(device))
+
+
+def load_split(name, data_dir, train, image_size=None, device='cpu', size=None):
+    """Return a Split of dataset ``name`` ('mnist', 'cifar10', 'cifar100') on ``device``:
+    the first ``size`` examples (all when None), resized to ``image_size`` (see make_split)."""
+    x, y = read_split(name, data_dir, train)
+    if size is not None:
+        x, y = x[:size], y[:size]
+    return make_split(x, y, image_size, device)
 
 
 def to_float(x_uint8, channels_last=False):
@@ -407,7 +421,8 @@ def aelf_protocol(dataset, model=None, standard=False):
     CIFAR-10: CNN_B, crop (padding 2) + flip, 160 epochs (ST: 100), lr steps at 50, 100 (ST: 40,
     80), PGD(0.031, 5, 0.01), weight decay 2e-4 for CNN_B. CIFAR-100: WRN-28-10, PGD(0.03, 7,
     0.0075). Batch 128, SGD momentum 0.9, lr 0.1, weight decay 5e-4, seed 8, no random start."""
-    p = dict(batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4, seed=8, random_start=False)
+    p = dict(batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4, seed=8, random_start=False,
+             val_size=1000)
     if dataset == 'mnist':
         p.update(model='cnn_b', epochs=50, milestones=[20, 40], eps=0.3, steps=16, step_size=0.02,
                  padding=None)
@@ -442,8 +457,10 @@ def add_common_args(parser):
     g.add_argument('--padding', type=int, help='CIFAR random-crop zero padding (default 2)')
     g.add_argument('--train-size', type=int, help='use the first N training images')
     g.add_argument('--test-size', type=int, help='use the first N test images')
-    g.add_argument('--eval-size', type=int, default=1000,
-                   help='test images attacked after each epoch (the last epoch uses all)')
+    g.add_argument('--val-size', type=int,
+                   help='training images held out as the validation split (the same seeded choice '
+                        'for every script and seed), never trained on: evaluated after each epoch '
+                        'and used to choose best.pt; 0: no validation, last.pt only')
     g = parser.add_argument_group('optimisation')
     g.add_argument('--epochs', type=int)
     g.add_argument('--lr', type=float)
@@ -460,9 +477,10 @@ def add_common_args(parser):
     g.add_argument('--seed', type=int)
     g.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
     g.add_argument('--amp', action='store_true', help='bfloat16 autocast on CUDA')
-    g.add_argument('--compile', choices=COMPILE_MODES,
-                   help='torch.compile the model (README "Speed": faster on the CPU after a '
-                        'compilation of 10-50 s; reduce-overhead adds CUDA graphs on a GPU)')
+    g.add_argument('--compile', nargs='?', const='default', choices=COMPILE_MODES, metavar='MODE',
+                   help='torch.compile the model; bare --compile means "default" (README "Speed": '
+                        'faster on the CPU after a compilation of 10-50 s; reduce-overhead adds '
+                        'CUDA graphs on a GPU; %(choices)s)')
     g.add_argument('--out', help='run folder (default runs/<script>-<dataset>-<model>-s<seed>)')
     g.add_argument('--resume', action='store_true', help='continue from <out>/last.pt')
     g.add_argument('--overwrite', action='store_true', help='replace a finished run in <out>')
@@ -492,7 +510,7 @@ def finish_args(parser, args, protocol):
         (args.width > 0, '--width must be positive'),
         (args.train_size is None or args.train_size > 0, '--train-size must be positive'),
         (args.test_size is None or args.test_size > 0, '--test-size must be positive'),
-        (args.eval_size > 0, '--eval-size must be positive'),
+        (args.val_size >= 0, '--val-size must be >= 0'),
         (not (args.resume and args.overwrite), '--resume and --overwrite exclude each other'),
         (args.image_size % 8 == 0 or args.model not in ('cnn_b',), 'cnn_b needs --image-size a multiple of 8'),
     ]
@@ -527,12 +545,39 @@ def build_model(args, **extra):
         raise UserError(str(e)) from None
 
 
+VAL_SEED = 20260101     # the validation split's own seed: one split per dataset, whatever --seed
+
+
+def validation_indices(n, val_size):
+    """Indices (sorted) of the ``val_size`` training images held out of ``n``: a random choice
+    fixed by VAL_SEED, so every script and every --seed holds out the same images."""
+    g = torch.Generator().manual_seed(VAL_SEED)
+    return torch.randperm(n, generator=g)[:val_size].sort().values
+
+
 def load_data(args, device):
-    """(train Split, test Split) on ``device`` as the flags describe."""
-    kw = dict(image_size=args.image_size, device=device)
-    train = load_split(args.dataset, args.data_dir, True, size=args.train_size, **kw)
-    test = load_split(args.dataset, args.data_dir, False, size=args.test_size, **kw)
-    return train, test
+    """(train, val, test) Splits on ``device`` as the flags describe. ``val``: --val-size images
+    of the training split, held out (validation_indices) and never trained on; ``train``: the
+    first --train-size of the remaining training images, in their order; ``test``: the first
+    --test-size test images, read only after the last epoch (Run.finish)."""
+    x, y = read_split(args.dataset, args.data_dir, True)
+    if args.val_size >= len(y):
+        raise UserError(f"--val-size {args.val_size} leaves no training images ({len(y)} in "
+                        f"{args.dataset}'s training split): choose a smaller --val-size")
+    held = validation_indices(len(y), args.val_size)
+    keep = torch.ones(len(y), dtype=torch.bool)
+    keep[held] = False
+    rest = keep.nonzero().squeeze(1)[:args.train_size]
+    val = make_split(x[held], y[held], args.image_size, device)
+    train = make_split(x[rest], y[rest], args.image_size, device)
+    test = load_split(args.dataset, args.data_dir, False, args.image_size, device, size=args.test_size)
+    return train, val, test
+
+
+def data_summary(train, val, test):
+    """The start-up line's account of the data: what is trained on, held out and tested."""
+    held = f"{len(val)} held out for validation" if len(val) else "no validation split: last.pt only"
+    return f"{len(train)} train, {held}, {len(test)} test"
 
 
 def attack_summary(args):
@@ -629,8 +674,9 @@ def describe(name, kwargs):
 # ------------------------------------------------------------------------------- run folder
 
 class Run:
-    """The run folder: last.pt (every epoch), best.pt (best robust test accuracy), log.jsonl
-    (one JSON object per epoch), and the console lines.
+    """The run folder: last.pt (every epoch), best.pt (the epoch with the best validation score),
+    log.jsonl (one JSON object per epoch), final.json (both tested once, after the last epoch),
+    and the console lines.
 
     A folder that holds a checkpoint is never silently replaced: without --resume or
     --overwrite the run stops with one line. --resume continues from last.pt (RNG is re-seeded
@@ -713,10 +759,11 @@ class Run:
         left = total_epochs - record['epoch']
         eta = (time.time() - self.start) / max(done, 1) * left
         parts = [f"epoch {record['epoch']}/{total_epochs}", f"lr {record['lr']:.4g}",
-                 f"loss {record['train_loss']:.4f}", f"train {record['train_acc']:.2f}%",
-                 f"test nat {record['test_nat']:.2f}%"]
-        if record.get('test_adv') is not None:
-            parts.append(f"adv {record['test_adv']:.2f}%")
+                 f"loss {record['train_loss']:.4f}", f"train {record['train_acc']:.2f}%"]
+        if record.get('val_nat') is not None:
+            parts.append(f"val nat {record['val_nat']:.2f}%")
+        if record.get('val_adv') is not None:
+            parts.append(f"adv {record['val_adv']:.2f}%")
         if record.get('f_norm') is not None:
             parts.append(f"||f|| {record['f_norm']:.3g} ||f'|| {record['f_adv_norm']:.3g}")
         parts += [f"{record['seconds']:.1f}s", f"{record['images_per_s']:.0f} img/s",
@@ -724,9 +771,10 @@ class Run:
         print(' | '.join(parts), flush=True)
 
     def save(self, model, epoch, optimizer, metrics, score, finished=False, **extra):
-        """Write last.pt every epoch, and best.pt when ``score`` (robust test accuracy for
-        adversarial methods, natural accuracy for ST) beats the best so far."""
-        improved = self.best_score is None or score > self.best_score
+        """Write last.pt every epoch, and best.pt when ``score`` (the validation split's robust
+        accuracy for adversarial methods, natural accuracy for ST) beats the best so far; with
+        ``score`` None (--val-size 0) there is no best.pt."""
+        improved = score is not None and (self.best_score is None or score > self.best_score)
         if improved:
             self.best_score = score
         extra.update(best_score=self.best_score, script=self.script)
@@ -734,23 +782,44 @@ class Run:
         if improved:
             save_checkpoint(self.best, model, self.args, epoch, optimizer, metrics, finished, **extra)
 
-    def finish(self, metrics):
+    def finish(self, model, test_set, attack, amp=False):
+        """After the last epoch, the only time a run reads the test split: the accuracy of
+        last.pt (``model`` as it is now) and of best.pt, natural and under ``attack``, into
+        final.json ({'last': {...}, 'best': {...}}, each with its epoch) and one line."""
+        def test(m):
+            return {'test_nat': accuracy(m, test_set, amp=amp),
+                    'test_adv': accuracy(m, test_set, attack, amp=amp)}
+        last_epoch = load_checkpoint(self.last)['epoch']
+        result = {'test_images': len(test_set), 'last': {'epoch': last_epoch, **test(model)}}
+        if os.path.exists(self.best):
+            best = load_checkpoint(self.best)
+            if best['epoch'] == last_epoch:
+                result['best'] = dict(result['last'])
+            else:
+                device = next(model.parameters()).device
+                result['best'] = {'epoch': best['epoch'],
+                                  **test(model_from_checkpoint(best, device, self.best).eval())}
+            result['best']['val_score'] = best['best_score']
         with open(os.path.join(self.dir, 'final.json'), 'w') as f:
-            json.dump(metrics, f, indent=1)
-        print(f"done in {format_seconds(time.time() - self.start)}: " +
-              ', '.join(f"{k} {v:.2f}%" for k, v in metrics.items() if isinstance(v, float)) +
-              f" -> {self.dir}", flush=True)
+            json.dump(result, f, indent=1)
+        parts = [f"{name}.pt (epoch {r['epoch']}): test nat {r['test_nat']:.2f}%, adv {r['test_adv']:.2f}%"
+                 for name, r in ((n, result.get(n)) for n in ('last', 'best')) if r]
+        print(f"done in {format_seconds(time.time() - self.start)} ({len(test_set)} test images): "
+              + '; '.join(parts) + f" -> {self.dir}", flush=True)
+        return result
 
 
 class FolderLock:
-    """An exclusive lock on a run folder for the life of this process: ``<dir>/.lock``, locked
+    """An exclusive lock on a run folder while the script's ``main`` runs: ``<dir>/.lock``, locked
     with flock (taken atomically by the kernel and released by it when the process ends, even
     after kill -9) and holding the owner's pid, host and start time. A second process stops at
     once with one line naming the owner; a lock file left by a process that is gone is taken
-    over with one line saying so. The file is removed when this process exits normally. Where
+    over with one line saying so. The file is removed when ``main`` returns or fails (main_guard)
+    or, at the latest, when this process exits normally. Where
     the platform has no flock (Windows), runs go without the lock."""
 
     NAME = '.lock'
+    held = []          # the locks this process holds, oldest first
 
     def __init__(self, folder):
         self.path, self.fd = os.path.join(folder, self.NAME), None
@@ -783,6 +852,7 @@ class FolderLock:
                                  'started': time.strftime('%Y-%m-%d %H:%M:%S')}).encode())
         os.fsync(fd)
         self.fd = fd
+        FolderLock.held.append(self)
         atexit.register(self.release)
 
     @staticmethod
@@ -800,6 +870,8 @@ class FolderLock:
     def release(self):
         if self.fd is None:
             return
+        if self in FolderLock.held:
+            FolderLock.held.remove(self)
         try:
             os.unlink(self.path)           # unlink while holding the lock, then let it go
         except FileNotFoundError:

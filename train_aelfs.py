@@ -154,8 +154,7 @@ def main(argv=None):
     st_path = os.path.join(run.dir, 'st.pt')
     if args.init:
         common.load_weights_into(model, args.init)   # one-line error for another model
-    train_set, test_set = common.load_data(args, device)
-    eval_set = test_set.head(args.eval_size)
+    train_set, val_set, test_set = common.load_data(args, device)
     channels_last = common.use_channels_last(device)
 
     def attack(m, x, y):
@@ -169,10 +168,11 @@ def main(argv=None):
         else:
             print(f"ST phase: {args.st_epochs} epochs on clean data (saved to {st_path})", flush=True)
             standard_training(model, args, train_set, device, channels_last)
-            st_metrics = {'test_nat': common.accuracy(model, test_set, amp=args.amp)}
+            st_metrics = {'val_nat': common.accuracy(model, val_set, amp=args.amp)} if len(val_set) else {}
             common.save_checkpoint(st_path, model, args, args.st_epochs, None, st_metrics,
                                    finished=True, script='aelfs-st-phase')
-            print(f"ST phase done: test nat {st_metrics['test_nat']:.2f}%", flush=True)
+            print(f"ST phase done" + (f": val nat {st_metrics['val_nat']:.2f}%" if st_metrics else ''),
+                  flush=True)
     # Freeze w: never updated again (Alg. 2 note: "The w is not updated during AELFs")
     model.fc.requires_grad_(False)
     params_c = [p for name, p in model.named_parameters() if not name.startswith('fc.')]
@@ -181,7 +181,7 @@ def main(argv=None):
     run.resume(model, optimizer.load_state_dict)
     w_start = {k: v.detach().clone() for k, v in model.fc.state_dict().items()}
 
-    print(f"AELFs on {args.dataset} ({len(train_set)} train, {len(test_set)} test), "
+    print(f"AELFs on {args.dataset} ({common.data_summary(train_set, val_set, test_set)}), "
           f"{common.describe(model.arch_name, model.arch_kwargs)}, {common.attack_summary(args)}, "
           f"lambda {args.lambda1}:{args.lambda2}, beta {args.beta}/{args.beta_adv}, "
           f"split {args.split}, norm {args.feature_norm}, BN {args.bn_batch}, init {args.init or st_path}, {device}", flush=True)
@@ -191,7 +191,6 @@ def main(argv=None):
         f"beta {args.beta}/{args.beta_adv} with --feature-norm {args.feature_norm} is too strong "
         f"for this model; try a beta ten times smaller" +
         (", or the default --feature-norm rms (the README's beta sweep)" if args.feature_norm != 'rms' else ''))
-    metrics = {}
     for epoch in range(run.start_epoch, args.epochs):
         common.seed_epoch(args.seed, epoch)
         lr = common.lr_at(epoch, args.lr, args.milestones)
@@ -229,21 +228,22 @@ def main(argv=None):
         seconds = time.time() - t0
 
         final = epoch + 1 == args.epochs
-        test_on = test_set if final else eval_set
-        metrics = {'test_nat': common.accuracy(model, test_on, amp=args.amp),
-                   'test_adv': common.accuracy(model, test_on, attack, amp=args.amp)}
+        metrics = {}          # the validation split, never the test split, chooses best.pt
+        if len(val_set):
+            metrics = {'val_nat': common.accuracy(model, val_set, amp=args.amp),
+                       'val_adv': common.accuracy(model, val_set, attack, amp=args.amp)}
         record = {'epoch': epoch + 1, 'lr': lr, 'train_loss': loss_sum / seen,
                   'train_acc': 100.0 * n_correct / n_predicted, **metrics,
                   **watch.end_epoch(epoch),
-                  'test_images': len(test_on), 'seconds': seconds,
+                  'val_images': len(val_set), 'seconds': seconds,
                   'images_per_s': seen / seconds}
         run.log_epoch(record, args.epochs)
-        run.save(model, epoch + 1, optimizer.state_dict(), metrics, score=metrics['test_adv'],
+        run.save(model, epoch + 1, optimizer.state_dict(), metrics, score=metrics.get('val_adv'),
                  finished=final, init=args.init or st_path)
     if not all(torch.equal(v, model.fc.state_dict()[k]) for k, v in w_start.items()):
         raise RuntimeError('w (fc) changed during AELFs: it must stay frozen')   # never expected
-    if metrics:
-        run.finish(metrics)
+    if run.start_epoch < args.epochs:
+        run.finish(model, test_set, attack, args.amp)
     else:
         print(f"{run.dir} already holds all {args.epochs} epochs; nothing to do")
 

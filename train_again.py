@@ -212,8 +212,7 @@ def main(argv=None):
     common.compile_model(model, args.compile)          # --compile (after the copy: README "Speed")
     name = 'again' + ('-mart' if args.base == 'mart' else '') + ('-awp' if args.awp_gamma else '')
     run = common.Run(args, name)
-    train_set, test_set = common.load_data(args, device)
-    eval_set = test_set.head(args.eval_size)
+    train_set, val_set, test_set = common.load_data(args, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     run.resume(model, optimizer.load_state_dict)
@@ -235,14 +234,13 @@ def main(argv=None):
                    loss=train_attack_loss)
 
     print(f"AGAIN ({args.base}{', AWP ' + str(args.awp_gamma) if args.awp_gamma else ''}) on "
-          f"{args.dataset} ({len(train_set)} train, {len(test_set)} test), "
+          f"{args.dataset} ({common.data_summary(train_set, val_set, test_set)}), "
           f"{common.describe(model.arch_name, model.arch_kwargs)}, {common.attack_summary(args)} "
           f"on {args.attack_loss}, alpha {args.alpha}, ASE {'off' if args.no_ase else args.ase_layer}, "
           f"HFF {'off' if args.no_hff else 'on'}, {device}", flush=True)
     channels_last = common.use_channels_last(device)
     steps_per_epoch = -(-len(train_set) // args.batch_size)
     total_iterations = args.epochs * steps_per_epoch                 # N of Algorithm 1
-    metrics = {}
     for epoch in range(run.start_epoch, args.epochs):
         common.seed_epoch(args.seed, epoch)
         lr = common.lr_at(epoch, args.lr, args.milestones)
@@ -278,17 +276,18 @@ def main(argv=None):
         seconds = time.time() - t0
 
         final = epoch + 1 == args.epochs
-        test_on = test_set if final else eval_set
-        metrics = {'test_nat': common.accuracy(model, test_on, amp=args.amp),
-                   'test_adv': common.accuracy(model, test_on, attack, amp=args.amp)}
+        metrics = {}          # the validation split, never the test split, chooses best.pt
+        if len(val_set):
+            metrics = {'val_nat': common.accuracy(model, val_set, amp=args.amp),
+                       'val_adv': common.accuracy(model, val_set, attack, amp=args.amp)}
         record = {'epoch': epoch + 1, 'lr': lr, 'train_loss': loss_sum / seen,
                   'train_acc': 100.0 * n_correct / seen, 'again_steps': n_again, **metrics,
-                  'test_images': len(test_on), 'seconds': seconds, 'images_per_s': seen / seconds}
+                  'val_images': len(val_set), 'seconds': seconds, 'images_per_s': seen / seconds}
         run.log_epoch(record, args.epochs)
-        run.save(model, epoch + 1, optimizer.state_dict(), metrics, score=metrics['test_adv'],
+        run.save(model, epoch + 1, optimizer.state_dict(), metrics, score=metrics.get('val_adv'),
                  finished=final)
-    if metrics:
-        run.finish(metrics)
+    if run.start_epoch < args.epochs:
+        run.finish(model, test_set, attack, args.amp)
     else:
         print(f"{run.dir} already holds all {args.epochs} epochs; nothing to do")
 

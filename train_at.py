@@ -53,8 +53,7 @@ def main(argv=None):
     run = common.Run(args, 'st' if args.standard else 'at')
     if args.init and run.resume_ckpt is None:
         common.load_weights_into(model, args.init)           # one-line error for another model
-    train_set, test_set = common.load_data(args, device)
-    eval_set = test_set.head(args.eval_size)
+    train_set, val_set, test_set = common.load_data(args, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     run.resume(model, optimizer.load_state_dict)
@@ -62,13 +61,12 @@ def main(argv=None):
     def attack(m, x, y):  # the training PGD, also used for the per-epoch test
         return pgd(m, x, y, args.eps, args.steps, args.step_size, args.random_start)
 
-    print(f"{'ST' if args.standard else 'AT'} on {args.dataset} ({len(train_set)} train, "
-          f"{len(test_set)} test), {common.describe(model.arch_name, model.arch_kwargs)}, "
+    print(f"{'ST' if args.standard else 'AT'} on {args.dataset} ({common.data_summary(train_set, val_set, test_set)}), "
+          f"{common.describe(model.arch_name, model.arch_kwargs)}, "
           f"{'no attack' if args.standard else common.attack_summary(args)}, "
           f"init {args.init or 'random'}, {device}", flush=True)
     channels_last = common.use_channels_last(device)
     steps_per_epoch = -(-len(train_set) // args.batch_size)
-    metrics = {}
     for epoch in range(run.start_epoch, args.epochs):
         common.seed_epoch(args.seed, epoch)
         lr = common.lr_at(epoch, args.lr, args.milestones)
@@ -97,17 +95,18 @@ def main(argv=None):
         seconds = time.time() - t0
 
         final = epoch + 1 == args.epochs
-        test_on = test_set if final else eval_set          # the whole test set after the last epoch
-        metrics = {'test_nat': common.accuracy(model, test_on, amp=args.amp),
-                   'test_adv': common.accuracy(model, test_on, attack, amp=args.amp)}
+        metrics = {}          # the validation split, never the test split, chooses best.pt
+        if len(val_set):
+            metrics = {'val_nat': common.accuracy(model, val_set, amp=args.amp),
+                       'val_adv': common.accuracy(model, val_set, attack, amp=args.amp)}
         record = {'epoch': epoch + 1, 'lr': lr, 'train_loss': loss_sum / seen,
-                  'train_acc': 100.0 * n_correct / seen, **metrics, 'test_images': len(test_on),
+                  'train_acc': 100.0 * n_correct / seen, **metrics, 'val_images': len(val_set),
                   'seconds': seconds, 'images_per_s': seen / seconds}
         run.log_epoch(record, args.epochs)
         run.save(model, epoch + 1, optimizer.state_dict(), metrics, finished=final,
-                 score=metrics['test_nat'] if args.standard else metrics['test_adv'])
-    if metrics:
-        run.finish(metrics)
+                 score=metrics.get('val_nat' if args.standard else 'val_adv'))
+    if run.start_epoch < args.epochs:
+        run.finish(model, test_set, attack, args.amp)
     else:
         print(f"{run.dir} already holds all {args.epochs} epochs; nothing to do")
 

@@ -110,8 +110,7 @@ def main(argv=None):
     model = common.prepare_model(common.build_model(args), device)
     common.compile_model(model, args.compile)          # --compile: README "Speed"
     run = common.Run(args, 'at-' + args.mode)
-    train_set, test_set = common.load_data(args, device)
-    eval_set = test_set.head(args.eval_size)
+    train_set, val_set, test_set = common.load_data(args, device)
     if args.optimizer == 'adam':      # Madry et al.'s MNIST training
         optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     else:
@@ -123,13 +122,12 @@ def main(argv=None):
         return pgd(m, x, y, args.eps, args.steps, args.step_size, args.random_start)
 
     name = 'AT (Madry et al.: AT-id with lambda 0)' if args.mode == 'id' and args.lam == 0 else f'AT-{args.mode}'
-    print(f"{name} on {args.dataset} ({len(train_set)} train, {len(test_set)} test), "
+    print(f"{name} on {args.dataset} ({common.data_summary(train_set, val_set, test_set)}), "
           f"{common.describe(model.arch_name, model.arch_kwargs)}, {common.attack_summary(args)}, "
           f"lambda {args.lam}, {args.optimizer} lr {args.lr} batch {args.batch_size}, {device}",
           flush=True)
     channels_last = common.use_channels_last(device)
     steps_per_epoch = -(-len(train_set) // args.batch_size)
-    metrics = {}
     for epoch in range(run.start_epoch, args.epochs):
         common.seed_epoch(args.seed, epoch)
         lr = common.lr_at(epoch, args.lr, args.milestones)
@@ -156,17 +154,18 @@ def main(argv=None):
         seconds = time.time() - t0
 
         final = epoch + 1 == args.epochs
-        test_on = test_set if final else eval_set
-        metrics = {'test_nat': common.accuracy(model, test_on, amp=args.amp),
-                   'test_adv': common.accuracy(model, test_on, attack, amp=args.amp)}
+        metrics = {}          # the validation split, never the test split, chooses best.pt
+        if len(val_set):
+            metrics = {'val_nat': common.accuracy(model, val_set, amp=args.amp),
+                       'val_adv': common.accuracy(model, val_set, attack, amp=args.amp)}
         record = {'epoch': epoch + 1, 'lr': lr, 'train_loss': loss_sum / seen,
-                  'train_acc': 100.0 * n_correct / seen, **metrics, 'test_images': len(test_on),
+                  'train_acc': 100.0 * n_correct / seen, **metrics, 'val_images': len(val_set),
                   'seconds': seconds, 'images_per_s': seen / seconds}
         run.log_epoch(record, args.epochs)
-        run.save(model, epoch + 1, optimizer.state_dict(), metrics, score=metrics['test_adv'],
+        run.save(model, epoch + 1, optimizer.state_dict(), metrics, score=metrics.get('val_adv'),
                  finished=final)
-    if metrics:
-        run.finish(metrics)
+    if run.start_epoch < args.epochs:
+        run.finish(model, test_set, attack, args.amp)
     else:
         print(f"{run.dir} already holds all {args.epochs} epochs; nothing to do")
 

@@ -80,8 +80,7 @@ def main(argv=None):
     run = common.Run(args, 'jtstar' if args.init or args.beta else 'jt')
     if args.init:
         common.load_weights_into(model, args.init)          # JT*: ST initialisation
-    train_set, test_set = common.load_data(args, device)
-    eval_set = test_set.head(args.eval_size)
+    train_set, val_set, test_set = common.load_data(args, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)   # every parameter, w included
     run.resume(model, optimizer.load_state_dict)
@@ -89,8 +88,8 @@ def main(argv=None):
     def attack(m, x, y):
         return pgd(m, x, y, args.eps, args.steps, args.step_size, args.random_start)
 
-    print(f"JT{'*' if args.init or args.beta else ''} on {args.dataset} ({len(train_set)} train, "
-          f"{len(test_set)} test), {common.describe(model.arch_name, model.arch_kwargs)}, "
+    print(f"JT{'*' if args.init or args.beta else ''} on {args.dataset} ({common.data_summary(train_set, val_set, test_set)}), "
+          f"{common.describe(model.arch_name, model.arch_kwargs)}, "
           f"{common.attack_summary(args)}, lambda {args.lambda1}:{args.lambda2}, beta {args.beta}, "
           f"split {args.split}, init {args.init or 'random'}, {device}", flush=True)
     channels_last = common.use_channels_last(device)
@@ -99,7 +98,6 @@ def main(argv=None):
         common.DATASETS[args.dataset].num_classes,
         f"beta {args.beta} with --feature-norm {args.feature_norm} is too strong for this model; "
         f"try a beta ten times smaller") if args.beta else None
-    metrics = {}
     for epoch in range(run.start_epoch, args.epochs):
         common.seed_epoch(args.seed, epoch)
         lr = common.lr_at(epoch, args.lr, args.milestones)
@@ -131,18 +129,19 @@ def main(argv=None):
         seconds = time.time() - t0
 
         final = epoch + 1 == args.epochs
-        test_on = test_set if final else eval_set
-        metrics = {'test_nat': common.accuracy(model, test_on, amp=args.amp),
-                   'test_adv': common.accuracy(model, test_on, attack, amp=args.amp)}
+        metrics = {}          # the validation split, never the test split, chooses best.pt
+        if len(val_set):
+            metrics = {'val_nat': common.accuracy(model, val_set, amp=args.amp),
+                       'val_adv': common.accuracy(model, val_set, attack, amp=args.amp)}
         record = {'epoch': epoch + 1, 'lr': lr, 'train_loss': loss_sum / seen,
                   'train_acc': 100.0 * n_correct / n_predicted, **metrics,
                   **(watch.end_epoch(epoch) if watch else {}),
-                  'test_images': len(test_on), 'seconds': seconds, 'images_per_s': seen / seconds}
+                  'val_images': len(val_set), 'seconds': seconds, 'images_per_s': seen / seconds}
         run.log_epoch(record, args.epochs)
-        run.save(model, epoch + 1, optimizer.state_dict(), metrics, score=metrics['test_adv'],
+        run.save(model, epoch + 1, optimizer.state_dict(), metrics, score=metrics.get('val_adv'),
                  finished=final, init=args.init)
-    if metrics:
-        run.finish(metrics)
+    if run.start_epoch < args.epochs:
+        run.finish(model, test_set, attack, args.amp)
     else:
         print(f"{run.dir} already holds all {args.epochs} epochs; nothing to do")
 

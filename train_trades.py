@@ -86,8 +86,7 @@ def main(argv=None):
     model = common.prepare_model(common.build_model(args), device)
     common.compile_model(model, args.compile)          # --compile: README "Speed"
     run = common.Run(args, 'trades')
-    train_set, test_set = common.load_data(args, device)
-    eval_set = test_set.head(args.eval_size)
+    train_set, val_set, test_set = common.load_data(args, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     run.resume(model, optimizer.load_state_dict)
@@ -95,12 +94,11 @@ def main(argv=None):
     def test_attack(m, x, y):   # the test uses the protocol's CE PGD, like every other method
         return pgd(m, x, y, args.eps, args.steps, args.step_size, args.random_start)
 
-    print(f"TRADES on {args.dataset} ({len(train_set)} train, {len(test_set)} test), "
+    print(f"TRADES on {args.dataset} ({common.data_summary(train_set, val_set, test_set)}), "
           f"{common.describe(model.arch_name, model.arch_kwargs)}, KL-{common.attack_summary(args)}, "
           f"beta {args.beta}, {device}", flush=True)
     channels_last = common.use_channels_last(device)
     steps_per_epoch = -(-len(train_set) // args.batch_size)
-    metrics = {}
     for epoch in range(run.start_epoch, args.epochs):
         common.seed_epoch(args.seed, epoch)
         lr = common.lr_at(epoch, args.lr, args.milestones)
@@ -128,17 +126,18 @@ def main(argv=None):
         seconds = time.time() - t0
 
         final = epoch + 1 == args.epochs
-        test_on = test_set if final else eval_set
-        metrics = {'test_nat': common.accuracy(model, test_on, amp=args.amp),
-                   'test_adv': common.accuracy(model, test_on, test_attack, amp=args.amp)}
+        metrics = {}          # the validation split, never the test split, chooses best.pt
+        if len(val_set):
+            metrics = {'val_nat': common.accuracy(model, val_set, amp=args.amp),
+                       'val_adv': common.accuracy(model, val_set, test_attack, amp=args.amp)}
         record = {'epoch': epoch + 1, 'lr': lr, 'train_loss': loss_sum / seen,
-                  'train_acc': 100.0 * n_correct / seen, **metrics, 'test_images': len(test_on),
+                  'train_acc': 100.0 * n_correct / seen, **metrics, 'val_images': len(val_set),
                   'seconds': seconds, 'images_per_s': seen / seconds}
         run.log_epoch(record, args.epochs)
-        run.save(model, epoch + 1, optimizer.state_dict(), metrics, score=metrics['test_adv'],
+        run.save(model, epoch + 1, optimizer.state_dict(), metrics, score=metrics.get('val_adv'),
                  finished=final)
-    if metrics:
-        run.finish(metrics)
+    if run.start_epoch < args.epochs:
+        run.finish(model, test_set, test_attack, args.amp)
     else:
         print(f"{run.dir} already holds all {args.epochs} epochs; nothing to do")
 

@@ -209,7 +209,7 @@ def main():
         common.prepare_model = prepare_compiled
     with tempfile.TemporaryDirectory() as tmp:
         base = ['--data-dir', a.data_dir, '--width', str(a.width), '--train-size', str(128 * a.batches),
-                '--test-size', '128', '--eval-size', '128', '--epochs', '2', '--batch-size', '128',
+                '--test-size', '128', '--val-size', '128', '--epochs', '2', '--batch-size', '128',
                 '--device', a.device]
         extra = list(a.script_args)
         if Path(a.script).name == 'train_aelfs.py' and '--init' not in extra:

@@ -45,7 +45,7 @@ def repo_images_per_s(method, data_dir, width, batches, device):
     spec.loader.exec_module(module)
     with tempfile.TemporaryDirectory() as tmp:
         module.main(['--data-dir', data_dir, '--width', str(width), '--train-size', str(128 * batches),
-                     '--test-size', '128', '--eval-size', '128', '--epochs', '2', '--milestones',
+                     '--test-size', '128', '--val-size', '128', '--epochs', '2', '--milestones',
                      '--device', device, '--out', tmp + '/run'])
         log = [json.loads(line) for line in open(tmp + '/run/log.jsonl')]
     return log[-1]['images_per_s']

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import models
-from attacks import pgd
+from attacks import cw_margin, pgd
 
 
 def tiny_model(seed=0):
@@ -105,3 +105,26 @@ def test_callable_loss_and_cw():
     x_cw = pgd(model, x, y, 0.1, 5, 0.02, loss='cw')
     with torch.no_grad():
         assert (model(x_cw).argmax(1) == y).float().mean() <= (model(x).argmax(1) == y).float().mean()
+
+
+def test_cw_margin_and_one_cw_step_by_hand():
+    # the margin max_{j != y} z_j - z_y on hand-made logits
+    logits = torch.tensor([[1.0, 3.0, 2.0], [5.0, 0.0, 4.0], [0.0, 1.0, 7.0]])
+    y = torch.tensor([0, 2, 2])
+    assert torch.equal(cw_margin(logits, y), torch.tensor([3.0 - 1.0, 5.0 - 4.0, 1.0 - 7.0]))
+    # one PGD step on the margin of a linear model z = W x: the gradient of z_j* - z_y is
+    # W[j*] - W[y] (j* the largest other logit), so the step is x + step * sign(W[j*] - W[y]),
+    # clipped to the ball and to [0, 1]; ascending CE, descending, or not moving all differ
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    x = torch.rand(5, 1, 4, 4)
+    y = torch.tensor([0, 1, 2, 0, 1])
+    with torch.no_grad():
+        z = model(x)
+        j = z.masked_fill(F.one_hot(y, 3).bool(), float('-inf')).argmax(1)
+        w = model[1].weight
+        direction = (w[j] - w[y]).view(5, 1, 4, 4)
+    expected = torch.min(torch.max(x + 0.05 * direction.sign(), x - 0.03), x + 0.03).clamp(0, 1)
+    assert torch.allclose(pgd(model, x, y, 0.03, 1, 0.05, loss='cw'), expected, atol=1e-7)
+    x_ce = pgd(model, x, y, 0.03, 1, 0.05, loss='ce')
+    assert not torch.allclose(x_ce, expected)          # CE's step is another one on this model

@@ -84,15 +84,24 @@ def test_checkpoint_roundtrip_and_errors(tmp_path):
 
 
 def test_accuracy_in_eval_mode_and_restores_mode():
+    torch.manual_seed(0)
     model = models.build('cnn_b', 10, 1, width=0.125)
-    split = common.Split((torch.rand(20, 1, 32, 32) * 255).byte(), torch.randint(0, 10, (20,)))
+    with torch.no_grad():              # running statistics far from any batch's: in train mode
+        for m in model.modules():      # (batch statistics) the predictions are another set
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.fill_(0.5)
+                m.running_var.fill_(4.0)
+    split = common.Split((torch.rand(40, 1, 32, 32) * 255).byte(), torch.randint(0, 10, (40,)))
     model.train()
-    acc = common.accuracy(model, split, batch_size=7)
-    assert model.training and 0 <= acc <= 100
+    got = common.correct(model, split, batch_size=7)
+    assert model.training                                          # mode restored
+    x = split.x.float() / 255
     with torch.no_grad():
-        model.eval()
-        expected = (model(split.x.float() / 255).argmax(1) == split.y).float().mean().item() * 100
-    assert abs(acc - expected) < 1e-4
+        eval_pred = model.eval()(x).argmax(1)
+        train_pred = torch.cat([model.train()(x[i:i + 7]).argmax(1) for i in range(0, 40, 7)])
+    assert not torch.equal(eval_pred, train_pred)                  # so the check below can fail
+    assert torch.equal(got, eval_pred == split.y)
+    assert common.accuracy(model, split, batch_size=7) == pytest.approx(100.0 * got.float().mean().item())
 
 
 def test_cpu_models_and_batches_are_channels_last(data_dir):

@@ -29,9 +29,9 @@ pytestmark = pytest.mark.skipif(DEVICE == 'cuda' and not torch.cuda.is_available
 
 ON = ['--device', DEVICE]
 MNIST = ['--width', '0.125', '--steps', '2', '--step-size', '0.1', '--epochs', '1',
-         '--batch-size', '32', '--train-size', '64', '--test-size', '32', '--eval-size', '16', *ON]
+         '--batch-size', '32', '--train-size', '64', '--test-size', '32', '--val-size', '16', *ON]
 CIFAR = ['--dataset', 'cifar10', '--steps', '2', '--epochs', '1', '--batch-size', '32',
-         '--train-size', '64', '--test-size', '32', '--eval-size', '16', *ON]
+         '--train-size', '64', '--test-size', '32', '--val-size', '16', *ON]
 RUNS = {
     'at': ('train_at.py', MNIST),
     'st': ('train_at.py', ['--standard', *MNIST]),
@@ -57,7 +57,7 @@ def test_every_script_trains_on_the_device(name, amp, data_dir, tmp_path):
     assert headers, proc.stdout[:500]                                 # it ran where it was asked to
     (rec,) = read_log(out)
     assert torch.isfinite(torch.tensor(rec['train_loss'])) and rec['images_per_s'] > 0, rec
-    assert 0 <= rec['test_adv'] <= rec['test_nat'] <= 100, rec
+    assert 0 <= rec['val_adv'] <= rec['val_nat'] <= 100, rec
     ckpt = common.load_checkpoint(str(out / 'last.pt'))               # read back on the CPU
     assert ckpt['finished'] and ckpt['args']['amp'] == amp
     assert all(v.device.type == 'cpu' for v in ckpt['state_dict'].values())
@@ -110,7 +110,7 @@ def test_resume_on_the_device_continues_the_run(data_dir, tmp_path):
     """On CUDA the runs are not bitwise repeatable (cudnn.benchmark may pick kernels that add in
     another order), so the resumed run must end close to the uninterrupted one, not equal."""
     base = ['--data-dir', data_dir, '--width', '0.125', '--steps', '2', '--step-size', '0.1',
-            '--batch-size', '32', '--train-size', '128', '--test-size', '16', '--eval-size', '16', *ON]
+            '--batch-size', '32', '--train-size', '128', '--test-size', '16', '--val-size', '16', *ON]
     run_ok('train_at.py', *base, '--epochs', '3', '--out', tmp_path / 'full')
     run_ok('train_at.py', *base, '--epochs', '1', '--out', tmp_path / 'part')
     proc = run_ok('train_at.py', *base, '--epochs', '3', '--out', tmp_path / 'part', '--resume')
@@ -129,4 +129,4 @@ def test_compiled_training_on_the_device(mode, data_dir, tmp_path):
     out = tmp_path / mode
     run_ok('train_at.py', '--data-dir', data_dir, '--out', out, *MNIST, '--amp', '--compile', mode)
     (rec,) = read_log(out)
-    assert torch.isfinite(torch.tensor(rec['train_loss'])) and 0 <= rec['test_adv'] <= rec['test_nat']
+    assert torch.isfinite(torch.tensor(rec['train_loss'])) and 0 <= rec['val_adv'] <= rec['val_nat']

@@ -106,6 +106,13 @@ def test_cnn_b_old_state_dicts_load_with_identical_outputs(kw):
     torch.manual_seed(0)
     new = models.build('cnn_b', 10, 1, width=0.25, **kw).eval()
     old = old_cnn_b_layout(new)
+    # the checkpoint layout: these keys, in this order, whatever the pool's place (a renamed or
+    # re-nested module would make old checkpoints unreadable)
+    keys = [f'stages.{i}.{j}.{p}' for i in range(5) for j, p in
+            [(0, 'weight'), (1, 'weight'), (1, 'bias'), (1, 'running_mean'), (1, 'running_var'),
+             (1, 'num_batches_tracked')]]
+    ase = [] if not kw else ['ase.fc.weight', 'ase.fc.bias']
+    assert list(new.state_dict()) == keys + ['fc.weight', 'fc.bias'] + ase
     assert list(old.state_dict()) == list(new.state_dict())      # same keys, same shapes
     fresh = models.build('cnn_b', 10, 1, width=0.25, **kw).eval()
     fresh.load_state_dict(old.state_dict())                      # an old checkpoint loads

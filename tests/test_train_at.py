@@ -1,6 +1,7 @@
 """End-to-end runs of train_at.py and eval.py on synthetic data, and the one-line errors."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -9,21 +10,21 @@ import time
 import torch
 
 import common
-from conftest import OFFLINE_ENV, QUICK, ROOT, THREADS, read_log, run_ok, run_script
+from conftest import QUICK, ROOT, THREADS, read_log, run_ok, run_process, run_script
 
 
-def test_at_and_st_write_run_folder_and_eval_reads_it(data_dir, tmp_path):
-    out_at, out_st = tmp_path / 'at', tmp_path / 'st'
-    proc = run_ok('train_at.py', '--data-dir', data_dir, '--out', out_at, *QUICK)
+def test_at_and_st_write_run_folder_and_eval_reads_it(data_dir, tmp_path, quick_runs):
+    (out_at, proc), (out_st, _) = quick_runs['at'], quick_runs['st']
     assert 'img/s' in proc.stdout and 'ETA' in proc.stdout
-    run_ok('train_at.py', '--standard', '--data-dir', data_dir, '--out', out_st, *QUICK)
     for out in (out_at, out_st):
         assert {'last.pt', 'best.pt', 'log.jsonl', 'final.json'} <= {p.name for p in out.iterdir()}
         (rec,) = read_log(out)
-        for key in ('epoch', 'lr', 'train_loss', 'train_acc', 'test_nat', 'test_adv', 'seconds',
+        for key in ('epoch', 'lr', 'train_loss', 'train_acc', 'val_nat', 'val_adv', 'seconds',
                     'images_per_s'):
             assert key in rec
-        assert rec['test_images'] == 32        # the last epoch tests the whole test split
+        assert rec['val_images'] == 16 and 'test_nat' not in rec     # epochs see validation only
+        final = json.loads((out / 'final.json').read_text())
+        assert final['test_images'] == 32 and final['last']['epoch'] == final['best']['epoch'] == 1
     ckpt = common.load_checkpoint(str(out_at / 'last.pt'))
     assert ckpt['finished'] and ckpt['epoch'] == 1 and ckpt['script'] == 'at'
     assert ckpt['args']['steps'] == 2 and ckpt['args']['eps'] == 0.3   # protocol eps kept
@@ -61,7 +62,8 @@ def one_line_error(proc):
 
 def test_bad_flags_give_one_line(data_dir, tmp_path):
     common_args = ['--data-dir', data_dir, '--out', tmp_path / 'x', '--device', 'cpu']
-    assert 'invalid choice' in one_line_error(run_script('train_at.py', '--dataset', 'svhn', *common_args))
+    # one real process: its exit status and stderr as a shell sees them
+    assert 'invalid choice' in one_line_error(run_process('train_at.py', '--dataset', 'svhn', *common_args))
     assert 'invalid choice' in one_line_error(run_script('train_at.py', '--model', 'vgg', *common_args))
     assert '--epochs' in one_line_error(run_script('train_at.py', '--epochs', '0', *common_args))
     assert 'multiple of 8' in one_line_error(run_script('train_at.py', '--image-size', '28', *common_args))
@@ -69,21 +71,22 @@ def test_bad_flags_give_one_line(data_dir, tmp_path):
 
 def test_missing_data_offline_names_folder_and_files(tmp_path):
     empty = tmp_path / 'nodata'
-    line = one_line_error(run_script('train_at.py', '--data-dir', empty, '--out', tmp_path / 'o',
-                                     *QUICK))
+    # a real process with no network (a proxy on a closed port): torchvision's download fails
+    line = one_line_error(run_process('train_at.py', '--data-dir', empty, '--out', tmp_path / 'o',
+                                      *QUICK))
     assert str(empty) in line and 'train-images-idx3-ubyte' in line and 'by hand' in line
     line = one_line_error(run_script('train_at.py', '--dataset', 'cifar10', '--data-dir', empty,
                                      '--out', tmp_path / 'o2', *QUICK))
     assert 'cifar-10-batches-py/data_batch_1' in line
 
 
-def test_corrupt_or_foreign_checkpoints_give_one_line(data_dir, tmp_path):
+def test_corrupt_or_foreign_checkpoints_give_one_line(data_dir, tmp_path, quick_runs):
     bad = tmp_path / 'bad.pt'
     bad.write_bytes(b'\x00garbage')
     assert 'not readable' in one_line_error(run_script('eval.py', '--ckpt', bad))
     assert 'does not exist' in one_line_error(run_script('eval.py', '--ckpt', tmp_path / 'none.pt'))
     # a checkpoint whose weights belong to another model
-    run_ok('train_at.py', '--data-dir', data_dir, '--out', tmp_path / 'r', *QUICK)
+    shutil.copytree(quick_runs['at'][0], tmp_path / 'r')
     ckpt = torch.load(tmp_path / 'r' / 'last.pt', weights_only=True)
     ckpt['model_kwargs']['width'] = 0.25
     torch.save(ckpt, tmp_path / 'mixed.pt')
@@ -96,6 +99,8 @@ def test_corrupt_or_foreign_checkpoints_give_one_line(data_dir, tmp_path):
 
 
 def test_every_script_prints_its_help():
+    proc = run_process('train_at.py', '--help')              # one real process
+    assert proc.returncode == 0 and 'usage: train_at.py' in proc.stdout, proc.stderr[-500:]
     for script in ('train_at.py', 'train_jt.py', 'train_trades.py', 'train_aelf.py', 'train_aelfs.py',
                    'train_again.py', 'train_att_id.py', 'eval.py'):
         proc = run_script(script, '--help')
@@ -105,14 +110,14 @@ def test_every_script_prints_its_help():
 
 def _start(script, *args):
     # the same environment as run_script (thread count included: results must match bitwise)
-    env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS=THREADS, **OFFLINE_ENV)
+    env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS=THREADS)
     return subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for(path, proc, seconds=120):
+def _wait_for(path, proc, seconds=120, content=''):
     t0 = time.time()
-    while not path.exists():
+    while not (path.exists() and content in path.read_text(errors='replace')):
         assert proc.poll() is None, proc.communicate()
         assert time.time() - t0 < seconds, f'{path} never appeared'
         time.sleep(0.05)
@@ -120,22 +125,23 @@ def _wait_for(path, proc, seconds=120):
 
 def test_two_runs_on_one_folder_the_second_stops_at_once(data_dir, tmp_path):
     out = tmp_path / 'x'
-    args = ['--data-dir', data_dir, '--out', out, *QUICK[:-10], '--epochs', '40', '--batch-size', '32',
-            '--train-size', '128', '--test-size', '16', '--eval-size', '16', '--device', 'cpu']
+    args = ['--data-dir', data_dir, '--out', out, *QUICK[:-10], '--epochs', '3', '--batch-size', '32',
+            '--train-size', '128', '--test-size', '16', '--val-size', '16', '--device', 'cpu']
     first = _start('train_at.py', *args)
-    _wait_for(out / '.lock', first)
-    # a second run (another seed), and --resume / --overwrite on the same folder, while it runs
-    others = [_start('train_at.py', *args, *extra) for extra in (['--seed', '9'], ['--resume'], ['--overwrite'])]
-    for proc in others:
-        _, stderr = proc.communicate(timeout=120)
-        line = stderr.strip()
-        assert proc.returncode != 0 and 'in use by another run' in line, line
-        assert f'process {first.pid}' in line and '\n' not in line, line
-    assert first.poll() is None, 'the first run ended before the others tried: give it more epochs'
+    _wait_for(out / '.lock', first, content='"pid"')
+    first.send_signal(signal.SIGSTOP)          # it keeps its lock while stopped: no race with the others
+    try:
+        # a second process (another seed), and --resume / --overwrite on the same folder
+        lines = [run_process('train_at.py', *args, '--seed', '9').stderr.strip()]
+        lines += [run_script('train_at.py', *args, extra).stderr.strip() for extra in ('--resume', '--overwrite')]
+    finally:
+        first.send_signal(signal.SIGCONT)
+    for line in lines:
+        assert 'in use by another run' in line and f'process {first.pid}' in line and '\n' not in line, line
     _, stderr = first.communicate(timeout=600)
     assert first.returncode == 0, stderr
     log = read_log(out)
-    assert [r['epoch'] for r in log] == list(range(1, 41))     # only the first run's lines
+    assert [r['epoch'] for r in log] == [1, 2, 3]              # only the first run's lines
     assert common.load_checkpoint(str(out / 'last.pt'))['args']['seed'] == 8
     assert not (out / '.lock').exists()                        # released at the end
 
@@ -153,7 +159,7 @@ def test_a_stale_lock_is_taken_over_with_one_line(data_dir, tmp_path):
 
 def test_resume_after_kill_9_equals_an_uninterrupted_run(data_dir, tmp_path):
     base = [*QUICK[:-8], '--batch-size', '32', '--train-size', '256', '--test-size', '16',
-            '--eval-size', '16', '--device', 'cpu', '--data-dir', data_dir, '--epochs', '8']
+            '--val-size', '16', '--device', 'cpu', '--data-dir', data_dir, '--epochs', '8']
     run_ok('train_at.py', *base, '--out', tmp_path / 'full')
     killed = _start('train_at.py', *base, '--out', tmp_path / 'part')
     _wait_for(tmp_path / 'part' / 'last.pt', killed)            # written atomically (os.replace)
@@ -191,3 +197,56 @@ def test_eval_lists_a_folder_without_checkpoints(data_dir, tmp_path):
     proc = run_script('eval.py', '--ckpt', tmp_path / 'empty', '--data-dir', data_dir)
     assert proc.returncode != 0 and 'without best.pt or last.pt' in proc.stderr and 'notes.txt' in proc.stderr
     assert 'Traceback' not in proc.stderr
+
+
+def test_best_pt_is_the_epoch_with_the_best_score_and_last_pt_the_last(tmp_path):
+    import argparse
+    args = argparse.Namespace(out=str(tmp_path / 'r'), resume=False, overwrite=False, dataset='mnist',
+                              model='cnn_b', seed=8)
+    run = common.Run(args, 'at')
+    model = common.prepare_model(common.models.build('cnn_b', 10, 1, width=0.125), 'cpu')
+    for epoch, score in enumerate([20.0, 50.0, 30.0, 50.0], start=1):   # a tie does not replace
+        with torch.no_grad():
+            model.fc.bias.fill_(epoch)          # tells the epochs' weights apart
+        run.save(model, epoch, {}, {'score': score}, score=score, finished=epoch == 4)
+    run.lock.release()
+    best, last = (common.load_checkpoint(str(tmp_path / 'r' / n)) for n in ('best.pt', 'last.pt'))
+    assert best['epoch'] == 2 and best['best_score'] == 50.0 and float(best['state_dict']['fc.bias'][0]) == 2
+    assert last['epoch'] == 4 and last['finished'] and float(last['state_dict']['fc.bias'][0]) == 4
+
+
+def test_validation_split_is_held_out_fixed_and_the_only_split_epochs_read(data_dir, tmp_path, monkeypatch):
+    import train_at
+    args = train_at.parse_args(['--data-dir', str(data_dir), '--val-size', '24', '--train-size', '100',
+                                '--test-size', '32', '--device', 'cpu'])
+    train, val, test = common.load_data(args, 'cpu')
+    assert (len(train), len(val), len(test)) == (100, 24, 32)
+    rows = {bytes(x.numpy()) for x in train.x}
+    assert not any(bytes(x.numpy()) in rows for x in val.x)            # never trained on
+    held = common.validation_indices(256, 24)
+    full = common.load_split('mnist', str(data_dir), True, image_size=32)
+    assert torch.equal(val.x, full.x[held])                             # the fixed choice...
+    other = train_at.parse_args(['--data-dir', str(data_dir), '--val-size', '24', '--seed', '9',
+                                 '--device', 'cpu'])
+    assert torch.equal(common.load_data(other, 'cpu')[1].x, val.x)     # ...whatever the seed
+    assert torch.equal(train.x, full.x[[i for i in range(256) if i not in set(held.tolist())]][:100])
+    # the per-epoch evaluation reads the validation split only; the test split is read after the
+    # last epoch, for last.pt and best.pt
+    seen = []
+    real_accuracy = common.accuracy
+    monkeypatch.setattr(common, 'accuracy', lambda model, split, *a, **k: (seen.append(len(split)),
+                                                                           real_accuracy(model, split, *a, **k))[1])
+    run_ok('train_at.py', '--data-dir', data_dir, '--out', tmp_path / 'r', *QUICK, '--val-size', '24',
+           '--epochs', '3')
+    assert seen[:6] == [24] * 6 and set(seen[6:]) == {32}, seen
+    final = json.loads((tmp_path / 'r' / 'final.json').read_text())
+    assert final['last']['epoch'] == 3 and 1 <= final['best']['epoch'] <= 3
+    assert len(seen[6:]) == (2 if final['best']['epoch'] == 3 else 4)
+    assert [r.get('val_adv') is not None for r in read_log(tmp_path / 'r')] == [True] * 3
+    # --val-size 0: no validation, no best.pt, last.pt tested
+    run_ok('train_at.py', '--data-dir', data_dir, '--out', tmp_path / 'noval', *QUICK, '--val-size', '0')
+    assert not (tmp_path / 'noval' / 'best.pt').exists()
+    assert set(json.loads((tmp_path / 'noval' / 'final.json').read_text())) == {'test_images', 'last'}
+    line = one_line_error(run_process('train_at.py', '--data-dir', data_dir, '--out', tmp_path / 'x',
+                                      *QUICK, '--val-size', '256'))
+    assert 'leaves no training images' in line
