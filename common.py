@@ -315,32 +315,7 @@ def accuracy(model, split, attack=None, batch_size=500, amp=False):
     return 100.0 * c.sum().item() / len(c) if len(c) else float('nan')
 
 
-# ------------------------------------------------------------------- embedding-norm penalty
-
-FEATURE_NORMS = {
-    # reading of ||f||_2 in AELF Eq. (10) (and JT*), per sample, then averaged over the batch
-    'l2': 'the l2 norm ||f||_2',
-    'l2sq': 'the squared l2 norm ||f||_2^2',
-    'rms': 'the l2 norm divided by sqrt(D): the root mean square of the D entries of f',
-    'ms': 'the squared l2 norm divided by D: the mean of squares of the D entries of f',
-}
-
-
-def feature_norm(f, reading):
-    """The batch mean of one reading of ||f||_2 (see FEATURE_NORMS) for embeddings f (B x D)."""
-    f = f.float().flatten(1)
-    if reading == 'l2':
-        per_sample = f.norm(dim=1)
-    elif reading == 'l2sq':
-        per_sample = f.pow(2).sum(dim=1)
-    elif reading == 'rms':
-        per_sample = f.norm(dim=1) / math.sqrt(f.shape[1])
-    elif reading == 'ms':
-        per_sample = f.pow(2).mean(dim=1)
-    else:
-        raise ValueError(f"unknown feature-norm reading {reading!r}; one of {sorted(FEATURE_NORMS)}")
-    return per_sample.mean()
-
+# ----------------------------------------------------------- the embedding-collapse guard
 
 class CollapseWatch:
     """Watches a run whose loss penalises the embedding norm (AELFs, JT*) for the collapse a too
@@ -438,23 +413,71 @@ def aelf_protocol(dataset, model=None, standard=False):
     return p
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with the value every flag takes: its default, or, for a flag whose default depends
+    on the dataset (argparse default None), the values protocol_help wrote into its help."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help or ''
+        return super()._get_help_string(action)
+
+
+DATASET_VARIANTS = {name: ['--dataset', name] for name in DATASETS}
+
+
+def _show(value):
+    if value is None:
+        return 'none'
+    if isinstance(value, bool):
+        return 'on' if value else 'off'
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return ' '.join(map(_show, value)) if value else 'none'
+    return str(value)
+
+
+def protocol_help(parser, resolve, variants=None):
+    """Write into the help of every flag that a dataset's protocol fills in (argparse default
+    None) the value it takes for each variant ({label: argv}, default: each dataset), found by
+    resolving that argv with the script's own ``resolve`` (what parse_args runs), so that help
+    and behaviour cannot disagree (tests/test_train_at.py checks it)."""
+    variants = {**(variants or DATASET_VARIANTS), 'quick': ['--quick']}
+    resolved = {label: vars(resolve(parser.parse_args(argv))) for label, argv in variants.items()}
+    for action in parser._actions:
+        if action.default is not None or not action.option_strings or action.dest == 'help':
+            continue
+        values = {label: r.get(action.dest) for label, r in resolved.items()}
+        if all(v is None for v in values.values()):
+            continue
+        shown = {label: 'all' if v is None and action.dest.endswith('_size') else _show(v)
+                 for label, v in values.items()}
+        if len(set(shown.values())) == 1:
+            text = f"default: {next(iter(shown.values()))}"
+        else:
+            text = 'default: ' + '; '.join(f"{label} {v}" for label, v in shown.items())
+        action.help = f"{action.help} ({text})" if action.help else f"({text})"
+    return resolved
+
+
 def add_common_args(parser):
     """The flags every train_*.py shares. Defaults left as None are filled by the script's
     protocol (``finish_args``) for the chosen dataset."""
     g = parser.add_argument_group('data and model')
-    g.add_argument('--dataset', default='mnist', choices=sorted(DATASETS))
-    g.add_argument('--data-dir', default='./data', help='torchvision root (default ./data)')
+    g.add_argument('--dataset', default='mnist', choices=sorted(DATASETS), help='dataset')
+    g.add_argument('--data-dir', default='./data', help='torchvision root')
     g.add_argument('--model', choices=sorted(models.ARCHITECTURES), help='architecture')
     g.add_argument('--act', choices=['relu', 'leakyrelu'], help='activation (cnn_b, resnet18, vgg16, wrn)')
     g.add_argument('--slope', type=float, default=0.01, help='LeakyReLU negative slope')
-    g.add_argument('--width', type=float, default=1.0, help='channel multiplier (cnn_b, resnet18, vgg16)')
+    g.add_argument('--width', type=float, help='channel multiplier (cnn_b, resnet18, vgg16)')
     g.add_argument('--depth', type=int, help='WRN depth (34, 28, 40)')
     g.add_argument('--widen-factor', type=int, help='WRN widen factor')
     g.add_argument('--dropout', type=float, default=0.0, help='WRN dropout')
     g.add_argument('--blocks', type=int, default=5,
                    help='residual blocks per stage of cifar_resnet / att_resnet')
     g.add_argument('--image-size', type=int, help='input side (MNIST: 32 for cnn_b, 28 otherwise)')
-    g.add_argument('--padding', type=int, help='CIFAR random-crop zero padding (default 2)')
+    g.add_argument('--padding', type=int, help='CIFAR random-crop zero padding')
     g.add_argument('--train-size', type=int, help='use the first N training images')
     g.add_argument('--test-size', type=int, help='use the first N test images')
     g.add_argument('--val-size', type=int,
@@ -462,20 +485,25 @@ def add_common_args(parser):
                         'for every script and seed), never trained on: evaluated after each epoch '
                         'and used to choose best.pt; 0: no validation, last.pt only')
     g = parser.add_argument_group('optimisation')
-    g.add_argument('--epochs', type=int)
-    g.add_argument('--lr', type=float)
+    g.add_argument('--epochs', type=int, help='training epochs')
+    g.add_argument('--lr', type=float, help='learning rate')
     g.add_argument('--milestones', type=int, nargs='*', help='epochs where lr is multiplied by 0.1')
-    g.add_argument('--batch-size', type=int)
-    g.add_argument('--momentum', type=float)
-    g.add_argument('--weight-decay', type=float)
+    g.add_argument('--batch-size', type=int, help='mini-batch size')
+    g.add_argument('--momentum', type=float, help='SGD momentum')
+    g.add_argument('--weight-decay', type=float, help='weight decay')
     g = parser.add_argument_group('training attack (l-inf PGD)')
-    g.add_argument('--eps', type=float)
-    g.add_argument('--steps', type=int)
-    g.add_argument('--step-size', type=float)
-    g.add_argument('--random-start', action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument('--eps', type=float, help='l-inf radius')
+    g.add_argument('--steps', type=int, help='PGD steps')
+    g.add_argument('--step-size', type=float, help='PGD step size')
+    g.add_argument('--random-start', action=argparse.BooleanOptionalAction, default=None,
+                   help='start PGD at a uniform random point of the ball')
     g = parser.add_argument_group('run')
-    g.add_argument('--seed', type=int)
-    g.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
+    g.add_argument('--quick', action='store_true',
+                   help='MNIST on a laptop CPU: the protocol of the README\'s results table (cnn_b '
+                        'width 0.25, the first 8,000 training images, 8 epochs, lr x0.1 after 4 '
+                        'and 6, the paper\'s PGD), not the paper\'s; any flag given overrides it')
+    g.add_argument('--seed', type=int, help='random seed')
+    g.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'], help='auto: cuda if available')
     g.add_argument('--amp', action='store_true', help='bfloat16 autocast on CUDA')
     g.add_argument('--compile', nargs='?', const='default', choices=COMPILE_MODES, metavar='MODE',
                    help='torch.compile the model; bare --compile means "default" (README "Speed": '
@@ -487,12 +515,22 @@ def add_common_args(parser):
     return parser
 
 
+# --quick: the CPU protocol of the README's results table (MNIST), on top of a script's protocol
+QUICK = dict(width=0.25, train_size=8000, epochs=8, milestones=[4, 6])
+
+
 def finish_args(parser, args, protocol):
-    """Fill every flag left unset from ``protocol`` (a dict of defaults), then validate.
-    Bad values end with argparse's one-line usage error."""
+    """Fill every flag left unset from ``protocol`` (a dict of defaults; with --quick, QUICK
+    over it), then validate. Bad values end with argparse's one-line usage error."""
+    if args.quick:
+        if args.dataset != 'mnist':
+            parser.error('--quick is an MNIST preset: leave it out for --dataset ' + args.dataset)
+        protocol = {**protocol, **QUICK}
     for key, value in protocol.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    if args.width is None:
+        args.width = 1.0
     if args.act is None:
         args.act = 'leakyrelu' if args.model == 'cnn_b' else 'relu'
     if args.depth is None:
@@ -692,6 +730,10 @@ class Run:
         self.log_path = os.path.join(self.dir, 'log.jsonl')
         self.resume_ckpt = None
         self.best_score = None
+        if getattr(args, 'quick', False):
+            print("--quick: the README's CPU protocol on MNIST (" + ', '.join(
+                f"{k.replace('_', '-')} {_show(v)}" for k, v in QUICK.items()) + "), not the paper's "
+                "protocol: the README's Results give its expected numbers", flush=True)
         os.makedirs(self.dir, exist_ok=True)
         self.lock = FolderLock(self.dir)      # before anything in the folder is read or removed
         if os.path.exists(self.last):

@@ -43,17 +43,20 @@ from attacks import pgd
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=common.HelpFormatter)
     common.add_common_args(parser)
     g = parser.add_argument_group('AELF (Algorithm 1)')
     g.add_argument('--lam', type=float, default=1.0, help='lambda, weight of L2 in the update of c')
     g.add_argument('--distance', choices=['l2', 'l1', 'mse'], default='l2',
                    help="L2 = distance(f', stopgrad(f))")
-    args = parser.parse_args(argv)
-    args = common.finish_args(parser, args, common.aelf_protocol(args.dataset, args.model))
-    if args.lam < 0:
-        parser.error('--lam must be >= 0')
-    return args
+
+    def resolve(args):
+        args = common.finish_args(parser, args, common.aelf_protocol(args.dataset, args.model))
+        if args.lam < 0:
+            parser.error('--lam must be >= 0')
+        return args
+    common.protocol_help(parser, resolve)
+    return resolve(parser.parse_args(argv))
 
 
 def embedding_distance(f_adv, f_target, kind):

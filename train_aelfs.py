@@ -51,6 +51,7 @@ Reading of the paper, where it leaves room:
     python train_aelfs.py --dataset mnist     # ST phase, then AELFs: AELF Table 2's row
 """
 import argparse
+import math
 import os
 import time
 
@@ -61,47 +62,92 @@ import common
 from attacks import pgd
 
 
+# Readings of ||f||_2 in Eq. (10), per sample, then averaged over the batch (--feature-norm).
+# The paper's is 'l2'; see the docstring for why the default is another.
+FEATURE_NORMS = {
+    'l2': 'the l2 norm ||f||_2 (the paper)',
+    'l2sq': 'the squared l2 norm ||f||_2^2',
+    'rms': 'the l2 norm divided by sqrt(D): the root mean square of the D entries of f',
+    'ms': 'the squared l2 norm divided by D: the mean of squares of the D entries of f',
+}
+
+
+def feature_norm(f, reading):
+    """The batch mean of one reading of ||f||_2 (FEATURE_NORMS) for embeddings f (B x D)."""
+    f = f.float().flatten(1)
+    if reading == 'l2':
+        per_sample = f.norm(dim=1)
+    elif reading == 'l2sq':
+        per_sample = f.pow(2).sum(dim=1)
+    elif reading == 'rms':
+        per_sample = f.norm(dim=1) / math.sqrt(f.shape[1])
+    elif reading == 'ms':
+        per_sample = f.pow(2).mean(dim=1)
+    else:
+        raise ValueError(f"unknown feature-norm reading {reading!r}; one of {sorted(FEATURE_NORMS)}")
+    return per_sample.mean()
+
+
+def beta_in_paper_units(beta, reading, dim):
+    """How a beta on a reading of the norm reads in the paper's units (beta on ||f||_2): 'rms'
+    with beta b is 'l2' with b / sqrt(D); the squared readings have no such equivalent."""
+    if reading == 'l2':
+        return f"beta {beta:g} on ||f||_2 (the paper's term; paper: 0.5 for cnn_b, 0.2 for wrn)"
+    if reading == 'rms':
+        return (f"beta {beta:g} on ||f||_2 / sqrt(D) = beta {beta / math.sqrt(dim):.3g} on the paper's "
+                f"||f||_2 (D = {dim}; paper: 0.5, which collapses this model: README \"Findings\")")
+    return f"beta {beta:g} on {FEATURE_NORMS[reading]} (not the paper's ||f||_2)"
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=common.HelpFormatter)
     common.add_common_args(parser)
     g = parser.add_argument_group('AELFs (Eq. (10))')
     g.add_argument('--lambda1', type=float, default=0.5, help='weight of CE on natural inputs')
     g.add_argument('--lambda2', type=float, default=0.5, help='weight of CE on adversarial inputs')
-    g.add_argument('--beta', type=float, help='weight of ||f||_2 (0.5 for cnn_b, 0.2 for wrn)')
-    g.add_argument('--beta-adv', type=float, help="weight of ||f'||_2 (default: --beta)")
+    g.add_argument('--beta', type=float,
+                   help='weight of the norm term, on the --feature-norm reading: with the default '
+                        'rms reading, beta b is b / sqrt(D) on the paper\'s ||f||_2 (D = 512 for '
+                        'cnn_b: 0.5 -> 0.022); the paper: 0.5 for cnn_b, 0.2 for wrn, on ||f||_2')
+    g.add_argument('--beta-adv', type=float, help="weight of the f' norm term (default: --beta)")
     g.add_argument('--split', choices=['half', 'full'], default='half',
                    help='half: 2nd half of the batch adversarial (the paper); full: whole batch twice')
-    g.add_argument('--feature-norm', choices=sorted(common.FEATURE_NORMS), default='rms',
+    g.add_argument('--feature-norm', choices=sorted(FEATURE_NORMS), default='rms',
                    help="reading of ||f||_2 in Eq. (10), per sample then batch mean: " +
-                        '; '.join(f"{k}: {v}" for k, v in common.FEATURE_NORMS.items()))
+                        '; '.join(f"{k}: {v}" for k, v in FEATURE_NORMS.items()))
     g.add_argument('--bn-batch', choices=['mixed', 'separate'], default='mixed',
                    help='mixed: x and x\' in one forward pass (one set of BatchNorm batch '
                         'statistics); separate: one pass each')
     g.add_argument('--init', help='ST checkpoint (train_at.py --standard) to start from')
     g.add_argument('--st-epochs', type=int, help='epochs of the in-script ST phase')
     g.add_argument('--st-milestones', type=int, nargs='*', help='lr milestones of the ST phase')
-    args = parser.parse_args(argv)
-    if args.act is None:
-        args.act = 'leakyrelu'          # Alg. 2 note: ReLU units can lock after ST init
-    protocol = common.aelf_protocol(args.dataset, args.model)
-    st = common.aelf_protocol(args.dataset, args.model, standard=True)
-    args = common.finish_args(parser, args, protocol)
-    if args.st_epochs is None:
-        args.st_epochs = st['epochs']
-    if args.st_milestones is None:
-        args.st_milestones = st['milestones']
-    if args.beta is None:
-        args.beta = 0.2 if args.model == 'wrn' else 0.5
-    if args.beta_adv is None:
-        args.beta_adv = args.beta
-    if args.st_epochs <= 0:
-        parser.error('--st-epochs must be positive')
-    return args
+
+    def resolve(args):
+        if args.act is None:
+            args.act = 'leakyrelu'          # Alg. 2 note: ReLU units can lock after ST init
+        protocol = common.aelf_protocol(args.dataset, args.model)
+        st = common.aelf_protocol(args.dataset, args.model, standard=True)
+        args = common.finish_args(parser, args, protocol)
+        if args.quick:                  # the ST phase of the quick protocol: the ST row's run
+            st.update(epochs=common.QUICK['epochs'], milestones=common.QUICK['milestones'])
+        if args.st_epochs is None:
+            args.st_epochs = st['epochs']
+        if args.st_milestones is None:
+            args.st_milestones = st['milestones']
+        if args.beta is None:
+            args.beta = 0.2 if args.model == 'wrn' else 0.5
+        if args.beta_adv is None:
+            args.beta_adv = args.beta
+        if args.st_epochs <= 0:
+            parser.error('--st-epochs must be positive')
+        return args
+    common.protocol_help(parser, resolve)
+    return resolve(parser.parse_args(argv))
 
 
 def aelfs_loss(model, x_nat, x_adv, y_nat, y_adv, lambda1, lambda2, beta, beta_adv,
-               feature_norm='l2', bn_batch='mixed'):
+               reading='l2', bn_batch='mixed'):
     """Eq. (10) on one batch. Returns (loss, logits of [x_nat; x_adv], f, f')."""
     if bn_batch == 'mixed':                                   # Alg. 2, line 5: x, x' -c-> f, f'
         f_all = model.features(torch.cat([x_nat, x_adv]))
@@ -111,8 +157,8 @@ def aelfs_loss(model, x_nat, x_adv, y_nat, y_adv, lambda1, lambda2, beta, beta_a
     logit_nat, logit_adv = model.fc(f).float(), model.fc(f_adv).float()   # frozen w
     loss = (lambda1 * F.cross_entropy(logit_nat, y_nat)       # lambda1 L(c; x, y)
             + lambda2 * F.cross_entropy(logit_adv, y_adv)     # lambda2 L(c; x', y)
-            + beta * common.feature_norm(f, feature_norm)     # beta ||f||_2
-            + beta_adv * common.feature_norm(f_adv, feature_norm))  # beta ||f'||_2
+            + beta * feature_norm(f, reading)                 # beta ||f||_2
+            + beta_adv * feature_norm(f_adv, reading))        # beta ||f'||_2
     return loss, torch.cat([logit_nat, logit_adv]), f, f_adv
 
 
@@ -181,16 +227,17 @@ def main(argv=None):
     run.resume(model, optimizer.load_state_dict)
     w_start = {k: v.detach().clone() for k, v in model.fc.state_dict().items()}
 
+    dim = model.fc.in_features
     print(f"AELFs on {args.dataset} ({common.data_summary(train_set, val_set, test_set)}), "
           f"{common.describe(model.arch_name, model.arch_kwargs)}, {common.attack_summary(args)}, "
-          f"lambda {args.lambda1}:{args.lambda2}, beta {args.beta}/{args.beta_adv}, "
-          f"split {args.split}, norm {args.feature_norm}, BN {args.bn_batch}, init {args.init or st_path}, {device}", flush=True)
+          f"lambda {args.lambda1}:{args.lambda2}, {beta_in_paper_units(args.beta, args.feature_norm, dim)}"
+          f"{f', beta_adv {args.beta_adv:g}' if args.beta_adv != args.beta else ''}, "
+          f"split {args.split}, BN {args.bn_batch}, init {args.init or st_path}, {device}", flush=True)
     steps_per_epoch = -(-len(train_set) // args.batch_size)
     watch = common.CollapseWatch(
         common.DATASETS[args.dataset].num_classes,
-        f"beta {args.beta}/{args.beta_adv} with --feature-norm {args.feature_norm} is too strong "
-        f"for this model; try a beta ten times smaller" +
-        (", or the default --feature-norm rms (the README's beta sweep)" if args.feature_norm != 'rms' else ''))
+        f"beta {args.beta:g}/{args.beta_adv:g} on --feature-norm {args.feature_norm} is too strong for "
+        f"this model; try a smaller beta with the same reading (e.g. --beta {args.beta / 10:g})")
     for epoch in range(run.start_epoch, args.epochs):
         common.seed_epoch(args.seed, epoch)
         lr = common.lr_at(epoch, args.lr, args.milestones)

@@ -68,7 +68,7 @@ def protocol(dataset, model):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=common.HelpFormatter)
     common.add_common_args(parser)
     g = parser.add_argument_group('AGAIN')
     g.add_argument('--alpha', type=float, default=0.6, help='weight of the true-label span (Eq. (4))')
@@ -81,15 +81,18 @@ def parse_args(argv=None):
     g.add_argument('--mart-lambda', type=float, default=6.0, help="MART's KL weight")
     g.add_argument('--awp-gamma', type=float, default=0.0, help='AGAIN-AWP: AWP gamma (5e-3); 0 = off')
     g.add_argument('--awp-warmup', type=int, default=10, help='epochs before AWP starts')
-    args = parser.parse_args(argv)
-    args = common.finish_args(parser, args, protocol(args.dataset, args.model))
-    if args.model not in ('resnet18', 'cnn_b', 'wrn', 'vgg16'):
-        parser.error('AGAIN here supports --model resnet18, cnn_b, wrn or vgg16')
-    if args.ase_layer is None:
-        args.ase_layer = {'resnet18': 4, 'cnn_b': 5, 'wrn': 3, 'vgg16': 5}[args.model]   # before global pooling
-    if not 0.0 <= args.alpha <= 1.0:
-        parser.error('--alpha must be in [0, 1]')
-    return args
+
+    def resolve(args):
+        args = common.finish_args(parser, args, protocol(args.dataset, args.model))
+        if args.model not in ('resnet18', 'cnn_b', 'wrn', 'vgg16'):
+            parser.error('AGAIN here supports --model resnet18, cnn_b, wrn or vgg16')
+        if args.ase_layer is None:       # the stage before global pooling
+            args.ase_layer = {'resnet18': 4, 'cnn_b': 5, 'wrn': 3, 'vgg16': 5}[args.model]
+        if not 0.0 <= args.alpha <= 1.0:
+            parser.error('--alpha must be in [0, 1]')
+        return args
+    common.protocol_help(parser, resolve)
+    return resolve(parser.parse_args(argv))
 
 
 # ------------------------------------------------------------------------- HFF, Eq. (5), (6)

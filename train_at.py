@@ -33,14 +33,26 @@ from attacks import pgd
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=common.HelpFormatter)
     common.add_common_args(parser)
     parser.add_argument('--standard', action='store_true', help='ST: train on clean inputs only')
     parser.add_argument('--init', help='start from this checkpoint of the same model (e.g. AT '
                                        'fine-tuned from the ST init AELFs starts from)')
-    args = parser.parse_args(argv)
-    protocol = common.aelf_protocol(args.dataset, args.model, standard=args.standard)
-    return common.finish_args(parser, args, protocol)
+
+    def resolve(args):
+        protocol = common.aelf_protocol(args.dataset, args.model, standard=args.standard)
+        return common.finish_args(parser, args, protocol)
+    common.protocol_help(parser, resolve, {**common.DATASET_VARIANTS,
+                                           'ST cifar': ['--dataset', 'cifar10', '--standard']})
+    return resolve(parser.parse_args(argv))
+
+
+def at_loss(model, x, y, attack, standard=False):
+    """Eq. (3) on one batch: the cross-entropy of the model (in its current mode) on the PGD
+    examples of x (``attack``, run in eval mode); Eq. (1) with ``standard``. Returns (loss, logits)."""
+    x_in = x if standard else attack(model, x, y)       # inner max: PGD (eval mode, restored)
+    logits = model(x_in)
+    return F.cross_entropy(logits.float(), y), logits   # outer min: CE(M(x + delta), y)
 
 
 @common.main_guard
@@ -79,10 +91,7 @@ def main(argv=None):
                                                      padding=args.padding,
                                                      channels_last=channels_last)):
             with common.autocast(device, args.amp):
-                # Eq. (3), inner max: PGD in eval mode (restored to train mode by pgd)
-                x_in = x if args.standard else attack(model, x, y)
-                logits = model(x_in)
-                loss = F.cross_entropy(logits.float(), y)    # Eq. (3) / Eq. (1)
+                loss, logits = at_loss(model, x, y, attack, args.standard)    # Eq. (3) / Eq. (1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -68,27 +68,34 @@ def protocol(dataset, mode):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=common.HelpFormatter)
     common.add_common_args(parser)
     parser.add_argument('--mode', choices=['id', 'att', 'att-id'], default='id')
     parser.add_argument('--lam', type=float, help='lambda of Eq. (7) (see the docstring)')
     parser.add_argument('--optimizer', choices=['adam', 'sgd'],
                         help="Madry et al.'s: adam on MNIST (lr 1e-4), sgd on CIFAR-10 (momentum 0.9)")
-    args = parser.parse_args(argv)
-    if args.dataset == 'mnist' and args.mode != 'id':
-        parser.error('the paper uses no attention on MNIST: use --mode id there')
-    p = protocol(args.dataset, args.mode)
-    if args.optimizer is not None and args.optimizer != p['optimizer']:
-        # the other optimiser's own lr and weight decay (never Adam's lr 1e-4 under SGD):
-        # SGD as in the AELF protocol (lr 0.1, momentum 0.9, wd 5e-4), Adam as in Madry's MNIST
-        p.update(dict(lr=0.1, weight_decay=5e-4) if args.optimizer == 'sgd' else
-                 dict(lr=1e-4, weight_decay=0.0))
-    args = common.finish_args(parser, args, p)
-    if args.mode in ('att', 'att-id') and args.model != 'att_resnet':
-        parser.error(f'--mode {args.mode} needs --model att_resnet')
-    if args.lam < 0:
-        parser.error('--lam must be >= 0')
-    return args
+
+    def resolve(args):
+        if args.dataset == 'mnist' and args.mode != 'id':
+            parser.error('the paper uses no attention on MNIST: use --mode id there')
+        p = protocol(args.dataset, args.mode)
+        if args.quick:       # the results table's row: the other methods' model, optimiser and PGD
+            p.update(model='cnn_b', optimizer='sgd', lr=0.1, momentum=0.9, weight_decay=5e-4,
+                     batch_size=128, eps=0.3, steps=16, step_size=0.02, random_start=False)
+        if args.optimizer is not None and args.optimizer != p['optimizer']:
+            # the other optimiser's own lr and weight decay (never Adam's lr 1e-4 under SGD):
+            # SGD as in the AELF protocol (lr 0.1, momentum 0.9, wd 5e-4), Adam as in Madry's MNIST
+            p.update(dict(lr=0.1, weight_decay=5e-4) if args.optimizer == 'sgd' else
+                     dict(lr=1e-4, weight_decay=0.0))
+        args = common.finish_args(parser, args, p)
+        if args.mode in ('att', 'att-id') and args.model != 'att_resnet':
+            parser.error(f'--mode {args.mode} needs --model att_resnet')
+        if args.lam < 0:
+            parser.error('--lam must be >= 0')
+        return args
+    common.protocol_help(parser, resolve, {'mnist': [], 'cifar10': ['--dataset', 'cifar10'],
+                                           'cifar10 attention': ['--dataset', 'cifar10', '--mode', 'att-id']})
+    return resolve(parser.parse_args(argv))
 
 
 def att_id_loss(model, x, x_adv, y, lam):

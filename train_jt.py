@@ -34,7 +34,7 @@ from attacks import pgd
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=common.HelpFormatter)
     common.add_common_args(parser)
     g = parser.add_argument_group('JT (Eq. (4)) and JT*')
     g.add_argument('--lambda1', type=float, default=0.5, help='weight of CE on natural inputs')
@@ -43,10 +43,13 @@ def parse_args(argv=None):
                    help='half: 2nd half of the batch adversarial (the paper); full: whole batch twice')
     g.add_argument('--init', help='JT*: start from this ST checkpoint (train_at.py --standard)')
     g.add_argument('--beta', type=float, default=0.0, help="JT*: weight of ||f||_2 + ||f'||_2")
-    g.add_argument('--feature-norm', choices=sorted(common.FEATURE_NORMS), default='rms',
+    g.add_argument('--feature-norm', choices=FEATURE_NORMS, default='rms',
                    help="JT*: reading of ||f||_2, as in train_aelfs.py")
-    args = parser.parse_args(argv)
-    return common.finish_args(parser, args, common.aelf_protocol(args.dataset, args.model))
+
+    def resolve(args):
+        return common.finish_args(parser, args, common.aelf_protocol(args.dataset, args.model))
+    common.protocol_help(parser, resolve)
+    return resolve(parser.parse_args(argv))
 
 
 def jt_batch(model, x, y, split, attack):
@@ -57,7 +60,19 @@ def jt_batch(model, x, y, split, attack):
     return x, y, attack(model, x, y), y
 
 
-def jt_loss(model, x_nat, x_adv, y_nat, y_adv, lambda1, lambda2, beta, feature_norm='l2'):
+FEATURE_NORMS = ('l2', 'l2sq', 'rms', 'ms')     # train_aelfs.py's readings of ||f||_2
+
+
+def feature_norm(f, reading):
+    """The batch mean of a reading of ||f||_2 per sample (train_aelfs.py's FEATURE_NORMS)."""
+    f = f.float().flatten(1)
+    squared = f.pow(2).sum(dim=1)
+    per_sample = {'l2': squared.sqrt(), 'l2sq': squared, 'rms': (squared / f.shape[1]).sqrt(),
+                  'ms': squared / f.shape[1]}[reading]
+    return per_sample.mean()
+
+
+def jt_loss(model, x_nat, x_adv, y_nat, y_adv, lambda1, lambda2, beta, reading='l2'):
     """Eq. (4) (+ the JT* norm term). Returns (loss, logits of [x_nat; x_adv], f_all)."""
     f_all = model.features(torch.cat([x_nat, x_adv]))      # one forward of the combined batch
     logits = model.fc(f_all).float()
@@ -65,8 +80,7 @@ def jt_loss(model, x_nat, x_adv, y_nat, y_adv, lambda1, lambda2, beta, feature_n
     loss = (lambda1 * F.cross_entropy(logits[:n], y_nat)    # lambda1 L(theta; x, y)
             + lambda2 * F.cross_entropy(logits[n:], y_adv))  # lambda2 L(theta; x', y)
     if beta:                                                # JT*: + beta (||f||_2 + ||f'||_2)
-        loss = loss + beta * (common.feature_norm(f_all[:n], feature_norm)
-                              + common.feature_norm(f_all[n:], feature_norm))
+        loss = loss + beta * (feature_norm(f_all[:n], reading) + feature_norm(f_all[n:], reading))
     return loss, logits, f_all
 
 
@@ -88,16 +102,20 @@ def main(argv=None):
     def attack(m, x, y):
         return pgd(m, x, y, args.eps, args.steps, args.step_size, args.random_start)
 
-    print(f"JT{'*' if args.init or args.beta else ''} on {args.dataset} ({common.data_summary(train_set, val_set, test_set)}), "
+    beta_text = (f"beta {args.beta:g} on ||f||_2 / sqrt(D) = {args.beta / model.fc.in_features ** 0.5:.3g} on "
+                 f"the paper's ||f||_2" if args.feature_norm == 'rms' else
+                 f"beta {args.beta:g} on the {args.feature_norm} reading of ||f||_2")
+    print(f"JT{'*' if args.init or args.beta else ''} on {args.dataset} "
+          f"({common.data_summary(train_set, val_set, test_set)}), "
           f"{common.describe(model.arch_name, model.arch_kwargs)}, "
-          f"{common.attack_summary(args)}, lambda {args.lambda1}:{args.lambda2}, beta {args.beta}, "
+          f"{common.attack_summary(args)}, lambda {args.lambda1}:{args.lambda2}, {beta_text}, "
           f"split {args.split}, init {args.init or 'random'}, {device}", flush=True)
     channels_last = common.use_channels_last(device)
     steps_per_epoch = -(-len(train_set) // args.batch_size)
     watch = common.CollapseWatch(   # JT*'s norm term can collapse the embeddings as in AELFs
         common.DATASETS[args.dataset].num_classes,
-        f"beta {args.beta} with --feature-norm {args.feature_norm} is too strong for this model; "
-        f"try a beta ten times smaller") if args.beta else None
+        f"beta {args.beta:g} on --feature-norm {args.feature_norm} is too strong for this model; "
+        f"try a smaller beta with the same reading (e.g. --beta {args.beta / 10:g})") if args.beta else None
     for epoch in range(run.start_epoch, args.epochs):
         common.seed_epoch(args.seed, epoch)
         lr = common.lr_at(epoch, args.lr, args.milestones)

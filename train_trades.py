@@ -37,16 +37,19 @@ from attacks import pgd
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=common.HelpFormatter)
     common.add_common_args(parser)
     parser.add_argument('--beta', type=float, help='weight of the KL term (6 on CIFAR, 1 on MNIST)')
     parser.add_argument('--init-noise', type=float, default=0.001,
                         help='std of the Gaussian start of the TRADES attack')
-    args = parser.parse_args(argv)
-    args = common.finish_args(parser, args, common.aelf_protocol(args.dataset, args.model))
-    if args.beta is None:
-        args.beta = 1.0 if args.dataset == 'mnist' else 6.0
-    return args
+
+    def resolve(args):
+        args = common.finish_args(parser, args, common.aelf_protocol(args.dataset, args.model))
+        if args.beta is None:
+            args.beta = 1.0 if args.dataset == 'mnist' else 6.0
+        return args
+    common.protocol_help(parser, resolve)
+    return resolve(parser.parse_args(argv))
 
 
 def kl_clean_adv(logits_clean, logits_adv):

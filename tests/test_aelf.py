@@ -10,6 +10,7 @@ import common
 import models
 import train_aelf
 import train_aelfs
+import train_jt
 from conftest import QUICK, read_log, run_ok, run_script
 
 
@@ -51,7 +52,8 @@ def test_aelfs_loss_is_eq_10():
 ])
 def test_feature_norm_readings_on_a_hand_made_embedding(reading, expected):
     f = torch.tensor([[3.0, 4.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, -2.0, 0.0, 0.0]])
-    assert common.feature_norm(f, reading).item() == pytest.approx(expected)
+    assert train_aelfs.feature_norm(f, reading).item() == pytest.approx(expected)
+    assert train_jt.feature_norm(f, reading).item() == pytest.approx(expected)     # JT*'s copy
 
 
 def test_aelfs_loss_uses_the_chosen_reading_and_bn_batch():
@@ -60,7 +62,7 @@ def test_aelfs_loss_uses_the_chosen_reading_and_bn_batch():
     x_adv = (x + 0.1).clamp(0, 1)
     loss0, _, _, _ = train_aelfs.aelfs_loss(model, x[:8], x_adv[8:], y[:8], y[8:], 0.5, 0.5, 0.0, 0.0)
     loss, _, f, f_adv = train_aelfs.aelfs_loss(model, x[:8], x_adv[8:], y[:8], y[8:], 0.5, 0.5,
-                                               0.5, 0.5, feature_norm='rms')
+                                               0.5, 0.5, reading='rms')
     rms = (f.norm(dim=1) / f.shape[1] ** 0.5).mean() + (f_adv.norm(dim=1) / f.shape[1] ** 0.5).mean()
     assert torch.allclose(loss - loss0, 0.5 * rms, atol=1e-5)
     # separate passes: each half gets its own BatchNorm batch statistics

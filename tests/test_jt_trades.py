@@ -69,6 +69,22 @@ def test_jt_beta_term_adds_exactly_beta_times_mean_norms():
     assert torch.allclose(l1 - l0, expected, atol=1e-5)
 
 
+def test_jt_loss_is_eq_4_with_any_lambdas_and_the_jtstar_term_in_each_reading():
+    torch.manual_seed(0)
+    model = models.build('cnn_b', 10, 1, width=0.125).train()
+    x, y = batch(side=32)
+    xa = (x + 0.1 * torch.randn_like(x)).clamp(0, 1)
+    for reading in ('l2', 'rms', 'l2sq', 'ms'):
+        loss, logits, _ = train_jt.jt_loss(model, x[:8], xa[8:], y[:8], y[8:], 0.3, 0.7, 0.2, reading)
+        f = model.features(torch.cat([x[:8], xa[8:]]))          # one pass: shared BN statistics
+        sq = f.pow(2).sum(1)
+        norm = {'l2': sq.sqrt(), 'rms': (sq / f.shape[1]).sqrt(), 'l2sq': sq, 'ms': sq / f.shape[1]}[reading]
+        expected = (0.3 * F.cross_entropy(model.fc(f[:8]), y[:8]) + 0.7 * F.cross_entropy(model.fc(f[8:]), y[8:])
+                    + 0.2 * (norm[:8].mean() + norm[8:].mean()))
+        assert torch.allclose(loss, expected, atol=1e-5), reading
+        assert torch.allclose(logits, model.fc(f), atol=1e-5)
+
+
 def params_of(path):
     sd = common.load_checkpoint(str(path))['state_dict']
     return {k: v for k, v in sd.items() if k.endswith('weight') or k.endswith('bias')}

@@ -1,6 +1,8 @@
 """End-to-end runs of train_at.py and eval.py on synthetic data, and the one-line errors."""
+import copy
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -250,3 +252,99 @@ def test_validation_split_is_held_out_fixed_and_the_only_split_epochs_read(data_
     line = one_line_error(run_process('train_at.py', '--data-dir', data_dir, '--out', tmp_path / 'x',
                                       *QUICK, '--val-size', '256'))
     assert 'leaves no training images' in line
+
+
+def _help_defaults(text):
+    """{flag: text of its '(default: ...)'} from a --help output."""
+    out, flag, buf = {}, None, []
+    for line in text.splitlines() + ['  --end']:
+        m = re.match(r'  (--[a-z0-9-]+)', line)
+        if m or not line.startswith('    '):
+            if flag:
+                d = re.search(r'\(default: ([^()]*)\)\s*$', ' '.join(buf))
+                if d:
+                    out[flag] = d.group(1)
+            flag, buf = (m.group(1), [line]) if m else (None, [])
+        else:
+            buf.append(line.strip())
+    return out
+
+
+def test_help_shows_every_protocol_value_per_dataset_as_the_run_takes_it():
+    # the help text is generated from the same resolution parse_args runs, so they cannot drift:
+    # for each script, dataset and protocol flag, the value shown is the value a run takes
+    import importlib
+    flags = ('--epochs', '--lr', '--milestones', '--batch-size', '--eps', '--steps', '--step-size',
+             '--model', '--weight-decay', '--seed', '--val-size')
+    for script, datasets in [('train_at.py', ('mnist', 'cifar10', 'cifar100')),
+                             ('train_jt.py', ('mnist', 'cifar10', 'cifar100')),
+                             ('train_trades.py', ('mnist', 'cifar10', 'cifar100')),
+                             ('train_aelf.py', ('mnist', 'cifar10', 'cifar100')),
+                             ('train_aelfs.py', ('mnist', 'cifar10', 'cifar100')),
+                             ('train_again.py', ('mnist', 'cifar10', 'cifar100')),
+                             ('train_att_id.py', ('mnist', 'cifar10'))]:
+        shown = _help_defaults(run_ok(script, '--help').stdout)
+        module = importlib.import_module(script[:-3])
+        for flag in flags + {'train_aelfs.py': ('--beta', '--st-epochs'), 'train_trades.py': ('--beta',),
+                             'train_att_id.py': ('--lam', '--optimizer')}.get(script, ()):
+            assert flag in shown, (script, flag)
+            for dataset in datasets:
+                value = common._show(getattr(module.parse_args(['--dataset', dataset]), flag[2:].replace('-', '_')))
+                text = shown[flag]
+                labels = sorted(['mnist', 'cifar10', 'cifar100', 'ST cifar', 'cifar10 attention', 'quick'], key=len)[::-1]
+                per = {}
+                for part in text.split('; ') if '; ' in text else []:
+                    label = next(l for l in labels if part.startswith(l + ' '))
+                    per[label] = part[len(label) + 1:]
+                assert (per[dataset] if per else text) == value, (script, flag, dataset, text, value)
+
+
+def test_at_loss_is_eq_3_with_pgd_written_independently():
+    """AT's step (Eq. (3)) against the equation written out here: l-inf PGD from x (no random
+    start) by signed-gradient ascent on CE with the model in eval mode, projected on the eps-ball
+    and [0, 1]; then CE of the model in train mode on those examples (BatchNorm batch statistics)."""
+    import train_at
+    from attacks import pgd
+    torch.manual_seed(0)
+    model = common.models.build('cnn_b', 10, 1, width=0.125).train()
+    x, y = torch.rand(16, 1, 32, 32), torch.randint(0, 10, (16,))
+
+    def attack(m, xx, yy):
+        return pgd(m, xx, yy, 0.3, 3, 0.1)
+    ref, ref_st = copy.deepcopy(model), copy.deepcopy(model)    # a train-mode pass moves BN stats
+    ref.eval()
+    x_adv = x.clone()
+    for _ in range(3):
+        x_adv.requires_grad_(True)
+        (g,) = torch.autograd.grad(torch.nn.functional.cross_entropy(ref(x_adv), y, reduction='sum'), x_adv)
+        x_adv = torch.min(torch.max(x_adv.detach() + 0.1 * g.sign(), x - 0.3), x + 0.3).clamp(0, 1)
+    ref.train()
+    expected_logits = ref(x_adv)
+    expected = torch.nn.functional.cross_entropy(expected_logits, y)
+    st_model = copy.deepcopy(model)
+    loss, logits = train_at.at_loss(model, x, y, attack)
+    assert model.training and torch.allclose(loss, expected, atol=1e-6), (loss, expected)
+    assert torch.allclose(logits, expected_logits, atol=1e-5)
+    st_loss, _ = train_at.at_loss(st_model, x, y, attack, standard=True)       # Eq. (1)
+    assert torch.allclose(st_loss, torch.nn.functional.cross_entropy(ref_st(x), y), atol=1e-6)
+    assert not torch.allclose(st_loss, loss)
+
+
+def test_quick_is_the_results_table_protocol_and_every_flag_overrides_it(data_dir, tmp_path):
+    import train_aelfs
+    import train_att_id
+    q = common.QUICK
+    a = __import__('train_at').parse_args(['--quick'])
+    assert (a.width, a.train_size, a.epochs, a.milestones) == (q['width'], q['train_size'], q['epochs'], q['milestones'])
+    assert (a.eps, a.steps, a.step_size, a.model) == (0.3, 16, 0.02, 'cnn_b')      # the paper's PGD, model
+    b = __import__('train_at').parse_args(['--quick', '--epochs', '3', '--width', '0.5'])
+    assert (b.epochs, b.width, b.train_size) == (3, 0.5, 8000)
+    s = train_aelfs.parse_args(['--quick'])
+    assert (s.st_epochs, s.st_milestones) == (q['epochs'], q['milestones'])       # ST phase included
+    i = train_att_id.parse_args(['--quick'])                                        # the table's row
+    assert (i.model, i.optimizer, i.lr, i.batch_size, i.steps, i.random_start) == ('cnn_b', 'sgd', 0.1, 128, 16, False)
+    assert 'MNIST preset' in one_line_error(run_script('train_at.py', '--quick', '--dataset', 'cifar10'))
+    proc = run_ok('train_at.py', '--quick', '--data-dir', data_dir, '--out', tmp_path / 'q', '--train-size', '32',
+                  '--epochs', '1', '--val-size', '16', '--test-size', '16', '--steps', '1', '--device', 'cpu')
+    assert "--quick: the README's CPU protocol" in proc.stdout and "not the paper's" in proc.stdout
+    assert common.load_checkpoint(str(tmp_path / 'q' / 'last.pt'))['model_kwargs']['width'] == 0.25
