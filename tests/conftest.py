@@ -166,12 +166,14 @@ ROBUST_MARGIN = 12.0
 
 @pytest.fixture(scope='session')
 def quick_runs(data_dir, tmp_path_factory):
-    """AT and ST (cnn_b) and AT-id (madry_cnn) on synthetic MNIST with the QUICK flags, trained
-    once per test session for the tests that only read them (eval.py, analyses, checkpoints):
-    {name: (run folder, what the run printed)}. A test that changes a folder copies it first."""
+    """AT and ST of cnn_b, and AT of the Madry CNN (no global pooling), on synthetic MNIST with
+    the QUICK flags, trained once per test session for the tests that only read them (eval.py,
+    analyses, checkpoints): {name: (run folder, what the run printed)}. A test that changes a
+    folder copies it first. Only train_at.py trains them, so a method's blanked loss function
+    fails that method's tests alone."""
     root = tmp_path_factory.mktemp('quick')
     runs = {'at': ('train_at.py', []), 'st': ('train_at.py', ['--standard']),
-            'madry': ('train_att_id.py', ['--model', 'madry_cnn'])}
+            'madry': ('train_at.py', ['--model', 'madry_cnn'])}
     out = {}
     for name, (script, flags) in runs.items():
         proc = run_ok(script, *flags, '--data-dir', data_dir, '--out', root / name, *QUICK)
