@@ -325,8 +325,7 @@ class CollapseWatch:
     the natural training accuracy over the last ``window`` steps stays near chance (below twice
     chance) or the mean ||f|| over the last ``norm_window`` steps is below a tenth of its value
     at the first step (the norm is smooth, so a short window sees a collapse that happens late in
-    an epoch: a 20-step window once averaged a collapse at the end of a 16-step epoch with the
-    epoch before it and stayed silent). It checks at the end of every epoch and, so that a long
+    an epoch, which a 20-step window averages with the steps before it). It checks at the end of every epoch and, so that a long
     first epoch does not hide a collapse, after step ``early_check`` of the first."""
 
     def __init__(self, num_classes, hint, window=20, norm_window=5, early_check=50):

@@ -408,7 +408,7 @@ ARCHITECTURES = {
 
 def build(name, num_classes, in_channels, **kw):
     """Build a model by name; the instance keeps ``arch_name`` and ``arch_kwargs`` so a
-    checkpoint can rebuild it exactly (see common.save_checkpoint / common.load_model)."""
+    checkpoint can rebuild it exactly (see common.save_checkpoint / common.model_from_checkpoint)."""
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown model {name!r} (choose from {', '.join(ARCHITECTURES)})")
     ase_layer = kw.pop('ase_layer', None)

@@ -14,8 +14,8 @@
   gives the same loss and gradients; only BatchNorm's running statistics, which it updates once
   more with the clean batch, differ). The attack takes its first gradient at the unclamped
   x + 0.001 * N(0, 1), as Algorithm 1 and the reference code do; ``tests/test_jt_trades.py``
-  checks a whole step against Algorithm 1 written out independently (a clamped start, which
-  this script used before, fails it).
+  checks a whole step against Algorithm 1 written out independently (a start clamped to
+  [0, 1] before the first gradient fails it).
 - ``--beta`` is the lambda of AELF Eq. (5) (AELF Tables 3/4 use 1, 2, 3 and 6): default 6 on
   CIFAR and 1 on MNIST, as in the TRADES paper.
 - The attack budget is the AELF protocol's (the same PGD as train_at.py: MNIST

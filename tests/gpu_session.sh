@@ -1,28 +1,28 @@
 #!/bin/bash
-# The GPU work of issues 15 and 16, written and dry-run on the CPU beforehand so that a lent
-# GPU's minutes go to running it. Not a test. On the GPU machine, from the repository root, with
+# The GPU reproduction script: the CUDA checks, the speed tables and AELF Table 2 on a GPU, in
+# stages, each meant to fit a short GPU session. Not a test. On the GPU machine, from the repository root, with
 # `.gpu` carried as ../shared/device-notes.md says (pyautoattack's code, MNIST's four .gz files):
 #
 #     bash tests/gpu_session.sh STAGE [STAGE ...]
 #
-#   check    issue 15 part 1: nvidia-smi, then tests/test_cuda.py (every script on CUDA, fp32
+#   check    nvidia-smi, then tests/test_cuda.py (every script on CUDA, fp32
 #            and --amp, ResNet-18 and WRN on synthetic CIFAR, AutoAttack)           ~3 min
-#   speed    issue 15 part 3: tests/bench_overhead.py for every script, fp32 and --amp, full
+#   speed    tests/bench_overhead.py for every script, fp32 and --amp, full
 #            cnn_b; one ResNet-18 PGD-10 row on synthetic CIFAR; bench_reference AT and TRADES
-#            (issue 16 part 1 on the GPU)                                           ~6 min
-#   compile  issue 16 part 2: AT, TRADES, AGAIN with --compile default and reduce-overhead,
+#            (this repository against the reference-style loops)                 ~6 min
+#   compile  AT, TRADES, AGAIN with --compile default and reduce-overhead,
 #            fp32 and --amp, after their eager rows in `speed`                      ~4 min
-#   table2   issue 15 part 2: starts ST, AT, JT, AELFs, TRADES and AELF at the paper protocol
+#   table2   starts ST, AT, JT, AELFs, TRADES and AELF at the paper protocol
 #            (the scripts' defaults, seed 8) side by side in the background (setsid)
 #   poll     one line per table-2 run (its last epoch), and their logs into $OUT
 #   eval     eval.py --shift 8 (whole test set) and --autoattack (first 1,000) for every
 #            finished table-2 run, in the background; `poll` brings the results back
 #
 # Everything lands in $OUT (one .log and one .jsonl per stage, table2.tar.gz), at most 8 files.
-# Budget: a lease has 15 minutes of device time, its start included. `check speed compile` is
-# meant for one call. Table 2 at the paper protocol is about 2e16 FLOP per adversarial run (3M
+# Budget: `check speed compile` takes about 13 minutes of GPU time in all. Table 2 at the
+# paper protocol is about 2e16 FLOP per adversarial run (3M
 # images x ~35 passes of a 190-MFLOP cnn_b), so six runs side by side need the GPU to sustain
-# ~100 TFLOP/s on these small convolutions to end in one lease: read `speed`'s img/s first, and
+# ~100 TFLOP/s on these small convolutions to end in 15 minutes: read `speed`'s img/s first, and
 # run only what fits (runs and checkpoints die with the machine).
 # For a dry run on the CPU: GPU_SESSION_DEVICE=cpu GPU_SESSION_SMALL=1 OUT=/tmp/o bash tests/gpu_session.sh check speed
 set -u

@@ -93,7 +93,7 @@ def test_collapse_watch_fires_on_a_collapse_and_not_otherwise(capsys):
     assert chance.end_epoch(0)['collapse_warning'] and 'near chance' in capsys.readouterr().out
     chance.step(torch.ones(20, 8), torch.ones(20, 8), torch.zeros(20, 10), y)
     assert chance.end_epoch(1)['collapse_warning']          # and in every later epoch
-    # a collapse late in a short epoch (the real-MNIST case CI once missed: ||f|| 6.7 -> 0.08 over
+    # a collapse late in a short epoch (a real-MNIST case a 20-step window misses: ||f|| 6.7 -> 0.08 over
     # the last steps of a 16-step epoch while the 20-step average was still 0.11 of the start)
     late = common.CollapseWatch(10, 'hint')
     for norm in [6.7] + [2.0] * 14 + [1.0] * 10 + [0.08] * 5:

@@ -1,4 +1,4 @@
-"""The GPU checks (issue "First GPU runs", part 1): every train_*.py for a few steps on CUDA with
+"""The GPU checks: every train_*.py for a few steps on CUDA with
 and without --amp (MNIST cnn_b, ResNet-18 and WRN on synthetic CIFAR), a CUDA checkpoint read on
 the CPU, PGD inside its ball under bf16 autocast and channels_last, resume, and eval.py's
 AutoAttack on the device.
