@@ -89,7 +89,7 @@ class Rounding(torch.nn.Module):
 def test_sanity_is_silent_on_an_honest_model_and_warns_on_a_masking_one():
     from test_attacks import trained_model
     model, _, _ = trained_model()
-    split = synthetic_split()
+    split = synthetic_split(32)
     honest = evaluation.measure_sanity(model, split, 0.1, sanity_args(), torch.device('cpu'))
     assert evaluation.sanity_warnings(honest, len(split)) == [], honest
     masked = evaluation.measure_sanity(Rounding(model).eval(), split, 0.1, sanity_args(), torch.device('cpu'))
