@@ -249,8 +249,8 @@ def test_validation_split_is_held_out_fixed_and_the_only_split_epochs_read(data_
     run_ok('train_at.py', '--data-dir', data_dir, '--out', tmp_path / 'noval', *QUICK, '--val-size', '0')
     assert not (tmp_path / 'noval' / 'best.pt').exists()
     assert set(json.loads((tmp_path / 'noval' / 'final.json').read_text())) == {'test_images', 'last'}
-    line = one_line_error(run_process('train_at.py', '--data-dir', data_dir, '--out', tmp_path / 'x',
-                                      *QUICK, '--val-size', '256'))
+    line = one_line_error(run_script('train_at.py', '--data-dir', data_dir, '--out', tmp_path / 'x',
+                                     *QUICK, '--val-size', '256'))
     assert 'leaves no training images' in line
 
 
