@@ -182,9 +182,13 @@ def autoattack(model, split, eps, device, seed, batch_size, version='standard', 
     level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG)
+    # pyautoattack's check for dynamic defenses ends with sys.settrace(None), which would switch
+    # off a debugger or coverage for the rest of the process: give the tracer back afterwards
+    tracer = sys.gettrace()
     try:
         x_adv, _ = aa.run_standard_evaluation(x, split.y, batch_size=batch_size)
     finally:
+        sys.settrace(tracer)
         logger.removeHandler(handler)
         logger.setLevel(level)
     with torch.no_grad():   # score the float x_adv itself (no uint8 round trip)

@@ -337,3 +337,23 @@ def test_vgg16_trains_with_train_at_and_eval_reads_its_cam(data_dir, tmp_path):
     proc = run_ok('eval.py', '--ckpt', tmp_path / 'vgg', '--data-dir', data_dir, '--no-table', '--asc',
                   '--test-size', '8')
     assert 'ASC' in proc.stdout
+
+
+def test_autoattack_leaves_the_process_tracer_in_place():
+    # pyautoattack's dynamic-defense check calls sys.settrace(None); a debugger or coverage
+    # running the evaluation must keep its tracer
+    import sys
+    from test_attacks import trained_model
+    model, _, _ = trained_model()
+    calls = []
+
+    def tracer(frame, event, arg):
+        calls.append(event)
+        return None
+    previous = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        evaluation.autoattack(model, synthetic_split(4), 0.1, torch.device('cpu'), 0, 128, attacks=['apgd-ce'])
+        assert sys.gettrace() is tracer
+    finally:
+        sys.settrace(previous)
