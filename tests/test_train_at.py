@@ -100,11 +100,20 @@ def test_corrupt_or_foreign_checkpoints_give_one_line(data_dir, tmp_path, quick_
     assert 'resume with the flags' in line
 
 
-def test_every_script_prints_its_help():
+def test_every_script_prints_its_help(monkeypatch, capsys):
+    import runpy
     proc = run_process('train_at.py', '--help')              # one real process
     assert proc.returncode == 0 and 'usage: train_at.py' in proc.stdout, proc.stderr[-500:]
     for script in ('train_at.py', 'train_jt.py', 'train_trades.py', 'train_aelf.py', 'train_aelfs.py',
                    'train_again.py', 'train_att_id.py', 'eval.py'):
+        # run as `python SCRIPT --help` runs it (as __main__, flags from sys.argv), in this process
+        monkeypatch.setattr(sys, 'argv', [str(ROOT / script), '--help'])
+        try:
+            runpy.run_path(str(ROOT / script), run_name='__main__')
+            raise AssertionError(f'{script} --help did not exit')
+        except SystemExit as e:
+            assert e.code in (0, None), (script, e.code)
+        assert f'usage: {script}' in capsys.readouterr().out, script
         proc = run_script(script, '--help')
         assert proc.returncode == 0 and 'usage:' in proc.stdout, (script, proc.stderr[-500:])
         assert '--compile' in proc.stdout, script          # README "Speed": every script has it
