@@ -23,26 +23,23 @@ Reading of the paper, where it leaves room:
 - Batch (Appendix C, "for different JT ways"): of each batch of 128 the second half (64) is
   made adversarial and combined with the natural first half (``--split half``, default);
   ``--split full`` uses the whole batch twice.
-- ||f||_2 (``--feature-norm``), per sample, then averaged over the batch. The literal reading
-  (``l2``, the l2 norm) collapses the paper's own setting: from an ST init of the full CNN_B
-  (D = 512, ||f|| about 12 at the start), beta 0.5 drives every embedding towards 0 within about
-  30 steps and the frozen w then sees near-uniform logits (25% natural, 3% PGD accuracy after 40
-  steps; the squared norm ``l2sq`` at beta 0.5: 10%, chance). This is not the optimum of the
-  loss (f = 0 is stationary only when lambda1 ||W^T(softmax(b) - e_y)|| <= beta, and the ST
-  classifiers here give about 2 for that norm): it is the dynamics of SGD with momentum 0.9 at
-  lr 0.1 (see the README's sweep: plain SGD, BatchNorm statistics and a longer ST init were
-  tested too). The default is ``rms``, the l2 norm divided by sqrt(D): the same functional form
-  as Eq. (10), with a scale that the embedding size does not set, under which the paper's beta
-  0.5 trains (85% natural after the same 40 steps, no collapse) and the paper's suggested range
-  [0.1, 0.5] (App. B.2) is safe; ``rms`` with beta b equals ``l2`` with beta b / sqrt(D) (0.022
-  for CNN_B at beta 0.5). The sweep behind this choice, and what it does not reproduce (App.
-  B.2's curve, which only the literal reading shows, compressed: best at beta 0.2, collapsed
-  from 0.5), is in the README. ``--feature-norm l2`` keeps the literal reading (``--beta 0.2``
-  for its best point); ``ms`` (mean of squares) and ``l2sq`` are the other readings tested.
-  A run whose embeddings collapse says so in one warning line (mean ||f|| and ||f'|| are in
-  every epoch's log).
+- ||f||_2 (``--feature-norm``): the l2 norm of each embedding, averaged over the batch (``l2``,
+  the default: Eq. (10) as written). The paper's beta 0.5 collapses its own CNN_B under it: from
+  an ST init (D = 512, ||f|| about 12) every embedding shrinks towards 0 within about 30 steps and
+  the frozen w then sees near-uniform logits (25% natural, 3% PGD accuracy after 40 steps). This
+  is not the optimum of the loss (f = 0 is stationary only when lambda1 ||W^T(softmax(b) - e_y)||
+  <= beta, about 1 <= 0.5 here): it is SGD's dynamics, and plain SGD, separate BatchNorm passes
+  and a longer ST init collapse too (README, "Findings"). App. B.2 expects this kind of limit:
+  "In practice, we find that higher embedding dimension usually needs to smaller beta value, to
+  avoid that feature norm ||*||_2 controls entire loss", which only makes sense for a norm that
+  grows with D, the literal one. So the default keeps the paper's term and lowers its value:
+  beta 0.1 on ||f||_2 for cnn_b (the lower end of App. B.2's range [0.1, 0.5]), chosen by a
+  sweep of 0.05-0.5 on the full CNN_B (README, "The AELFs beta sweep"); WRN keeps the paper's 0.2
+  (untested here: no CIFAR run fits a CPU). The other readings are flags: ``rms`` (||f||_2 /
+  sqrt(D); beta b on it is b / sqrt(D) on ||f||_2), ``ms`` (||f||_2^2 / D) and ``l2sq``
+  (||f||_2^2). A run whose embeddings collapse says so in one warning line that names a smaller
+  beta (mean ||f|| and ||f'|| are in every epoch's log).
   ``--beta-adv`` sets a separate beta for f' ("beta can be separately set", Sec. 3.2).
-- beta: 0.5 for CNN_B on MNIST and CIFAR-10 (Sec. 4.1), 0.2 for WRN (Tables 4, 5; App. B.2).
 - BatchNorm (``--bn-batch``): x and x' go through c in one forward pass (``mixed``, one set of
   batch statistics for the combined batch, as a single-loss implementation does); ``separate``
   gives each half its own pass.
@@ -63,7 +60,7 @@ from attacks import pgd
 
 
 # Readings of ||f||_2 in Eq. (10), per sample, then averaged over the batch (--feature-norm).
-# The paper's is 'l2'; see the docstring for why the default is another.
+# The paper's, and the default, is 'l2'.
 FEATURE_NORMS = {
     'l2': 'the l2 norm ||f||_2 (the paper)',
     'l2sq': 'the squared l2 norm ||f||_2^2',
@@ -88,15 +85,27 @@ def feature_norm(f, reading):
     return per_sample.mean()
 
 
-def beta_in_paper_units(beta, reading, dim):
+PAPER_BETA = {'cnn_b': 0.5, 'wrn': 0.2}     # Sec. 4.1 (CNN_B), Tables 4, 5 and App. B.2 (WRN)
+DEFAULT_BETA = {'cnn_b': 0.1, 'wrn': 0.2}   # on ||f||_2: cnn_b's chosen by the README's sweep
+
+
+def beta_in_paper_units(beta, reading, dim, model):
     """How a beta on a reading of the norm reads in the paper's units (beta on ||f||_2): 'rms'
     with beta b is 'l2' with b / sqrt(D); the squared readings have no such equivalent."""
+    paper = PAPER_BETA.get(model)
+    if paper is None:
+        source = f"(the paper gives no beta for {model})"
+    elif reading == 'l2' and beta == paper:
+        source = f"(the paper's value for {model}" + ("; untested here)" if model == 'wrn' else ")")
+    else:
+        source = f"(paper: {paper:g} on ||f||_2" + (
+            ", which collapses this model: README \"Findings\")" if model == 'cnn_b' else ")")
     if reading == 'l2':
-        return f"beta {beta:g} on ||f||_2 (the paper's term; paper: 0.5 for cnn_b, 0.2 for wrn)"
+        return f"beta {beta:g} on ||f||_2 {source}"
     if reading == 'rms':
-        return (f"beta {beta:g} on ||f||_2 / sqrt(D) = beta {beta / math.sqrt(dim):.3g} on the paper's "
-                f"||f||_2 (D = {dim}; paper: 0.5, which collapses this model: README \"Findings\")")
-    return f"beta {beta:g} on {FEATURE_NORMS[reading]} (not the paper's ||f||_2)"
+        return (f"beta {beta:g} on ||f||_2 / sqrt(D) = beta {beta / math.sqrt(dim):.3g} on ||f||_2 "
+                f"(D = {dim}) {source}")
+    return f"beta {beta:g} on {FEATURE_NORMS[reading]}, not the paper's ||f||_2 {source}"
 
 
 def parse_args(argv=None):
@@ -107,13 +116,13 @@ def parse_args(argv=None):
     g.add_argument('--lambda1', type=float, default=0.5, help='weight of CE on natural inputs')
     g.add_argument('--lambda2', type=float, default=0.5, help='weight of CE on adversarial inputs')
     g.add_argument('--beta', type=float,
-                   help='weight of the norm term, on the --feature-norm reading: with the default '
-                        'rms reading, beta b is b / sqrt(D) on the paper\'s ||f||_2 (D = 512 for '
-                        'cnn_b: 0.5 -> 0.022); the paper: 0.5 for cnn_b, 0.2 for wrn, on ||f||_2')
+                   help="weight of the norm term, on the --feature-norm reading: 0.1 on ||f||_2 "
+                        "for cnn_b (paper: 0.5, which collapses this model: README \"Findings\"), "
+                        "0.2 for wrn (the paper's, untested here)")
     g.add_argument('--beta-adv', type=float, help="weight of the f' norm term (default: --beta)")
     g.add_argument('--split', choices=['half', 'full'], default='half',
                    help='half: 2nd half of the batch adversarial (the paper); full: whole batch twice')
-    g.add_argument('--feature-norm', choices=sorted(FEATURE_NORMS), default='rms',
+    g.add_argument('--feature-norm', choices=sorted(FEATURE_NORMS), default='l2',
                    help="reading of ||f||_2 in Eq. (10), per sample then batch mean: " +
                         '; '.join(f"{k}: {v}" for k, v in FEATURE_NORMS.items()))
     g.add_argument('--bn-batch', choices=['mixed', 'separate'], default='mixed',
@@ -136,7 +145,7 @@ def parse_args(argv=None):
         if args.st_milestones is None:
             args.st_milestones = st['milestones']
         if args.beta is None:
-            args.beta = 0.2 if args.model == 'wrn' else 0.5
+            args.beta = DEFAULT_BETA.get(args.model, DEFAULT_BETA['cnn_b'])
         if args.beta_adv is None:
             args.beta_adv = args.beta
         if args.st_epochs <= 0:
@@ -230,7 +239,7 @@ def main(argv=None):
     dim = model.fc.in_features
     print(f"AELFs on {args.dataset} ({common.data_summary(train_set, val_set, test_set)}), "
           f"{common.describe(model.arch_name, model.arch_kwargs)}, {common.attack_summary(args)}, "
-          f"lambda {args.lambda1}:{args.lambda2}, {beta_in_paper_units(args.beta, args.feature_norm, dim)}"
+          f"lambda {args.lambda1}:{args.lambda2}, {beta_in_paper_units(args.beta, args.feature_norm, dim, args.model)}"
           f"{f', beta_adv {args.beta_adv:g}' if args.beta_adv != args.beta else ''}, "
           f"split {args.split}, BN {args.bn_batch}, init {args.init or st_path}, {device}", flush=True)
     steps_per_epoch = -(-len(train_set) // args.batch_size)

@@ -18,8 +18,9 @@ initialisation AELFs and JT* start from (``--init runs/st-.../last.pt``).
     python train_at.py --dataset mnist --standard   # ST
 
 The script is the template every train_*.py follows: flags, data on the device, one training
-loop written out top to bottom, a per-epoch test on --eval-size test images with the training
-PGD, the whole test set after the last epoch, and a run folder (last.pt, best.pt, log.jsonl).
+loop written out top to bottom, a per-epoch evaluation on the --val-size validation split (held-out
+training images) with the training PGD, the test set once after the last epoch, and a run folder
+(last.pt, best.pt, log.jsonl, final.json).
 """
 import argparse
 import time

@@ -16,11 +16,15 @@ Reading of the paper, where it leaves room:
   network in one forward pass (shared BatchNorm batch statistics).
 - Eq. (4) writes CE(x) + lambda CE(x'); Table 3 uses ratios lambda1:lambda2 (0.4:0.6,
   0.5:0.5, 0.6:0.4), which is what ``--lambda1/--lambda2`` give.
-- ||f||_2: the reading of train_aelfs.py (``--feature-norm``, see its docstring and the
-  README's beta sweep); the log records mean ||f|| and ||f'|| and warns on a collapse.
+- JT* = JT from an ST checkpoint (``--init``) with the norm term. ||f||_2 is read as in
+  train_aelfs.py (``--feature-norm``, default ``l2``: the paper's norm, per sample, batch mean)
+  and beta defaults to AELFs' value there, 0.1 on ||f||_2 for cnn_b (paper: 0.5, which
+  collapses AELFs on this model: README "Findings"; JT* also trains w) and 0.2 for wrn. Without
+  ``--init`` beta is 0 (JT); ``--beta`` sets it either way. The log records mean ||f|| and
+  ||f'|| and warns on a collapse.
 
     python train_jt.py --dataset mnist                                   # JT 0.5:0.5
-    python train_jt.py --dataset cifar10 --init runs/st-cifar10-cnn_b-s8/last.pt --beta 0.5  # JT*
+    python train_jt.py --dataset cifar10 --init runs/st-cifar10-cnn_b-s8/last.pt   # JT*
 """
 import argparse
 import time
@@ -42,12 +46,18 @@ def parse_args(argv=None):
     g.add_argument('--split', choices=['half', 'full'], default='half',
                    help='half: 2nd half of the batch adversarial (the paper); full: whole batch twice')
     g.add_argument('--init', help='JT*: start from this ST checkpoint (train_at.py --standard)')
-    g.add_argument('--beta', type=float, default=0.0, help="JT*: weight of ||f||_2 + ||f'||_2")
-    g.add_argument('--feature-norm', choices=FEATURE_NORMS, default='rms',
-                   help="JT*: reading of ||f||_2, as in train_aelfs.py")
+    g.add_argument('--beta', type=float,
+                   help="weight of ||f||_2 + ||f'||_2: 0 without --init (JT); with --init (JT*) "
+                        "0.1 on ||f||_2 for cnn_b (paper: 0.5, which collapses AELFs on this model: "
+                        "README \"Findings\"), 0.2 for wrn (the paper's, untested here)")
+    g.add_argument('--feature-norm', choices=FEATURE_NORMS, default='l2',
+                   help="JT*: reading of ||f||_2, as in train_aelfs.py (l2: the paper's norm)")
 
     def resolve(args):
-        return common.finish_args(parser, args, common.aelf_protocol(args.dataset, args.model))
+        args = common.finish_args(parser, args, common.aelf_protocol(args.dataset, args.model))
+        if args.beta is None:
+            args.beta = JTSTAR_BETA.get(args.model, JTSTAR_BETA['cnn_b']) if args.init else 0.0
+        return args
     common.protocol_help(parser, resolve)
     return resolve(parser.parse_args(argv))
 
@@ -61,6 +71,7 @@ def jt_batch(model, x, y, split, attack):
 
 
 FEATURE_NORMS = ('l2', 'l2sq', 'rms', 'ms')     # train_aelfs.py's readings of ||f||_2
+JTSTAR_BETA = {'cnn_b': 0.1, 'wrn': 0.2}        # on ||f||_2, train_aelfs.py's DEFAULT_BETA
 
 
 def feature_norm(f, reading):
@@ -102,9 +113,10 @@ def main(argv=None):
     def attack(m, x, y):
         return pgd(m, x, y, args.eps, args.steps, args.step_size, args.random_start)
 
-    beta_text = (f"beta {args.beta:g} on ||f||_2 / sqrt(D) = {args.beta / model.fc.in_features ** 0.5:.3g} on "
-                 f"the paper's ||f||_2" if args.feature_norm == 'rms' else
-                 f"beta {args.beta:g} on the {args.feature_norm} reading of ||f||_2")
+    beta_text = {'l2': f"beta {args.beta:g} on ||f||_2 (paper, cnn_b: 0.5)",
+                 'rms': f"beta {args.beta:g} on ||f||_2 / sqrt(D) = {args.beta / model.fc.in_features ** 0.5:.3g} "
+                        f"on ||f||_2 (paper, cnn_b: 0.5)"}.get(
+        args.feature_norm, f"beta {args.beta:g} on the {args.feature_norm} reading, not the paper's ||f||_2")
     print(f"JT{'*' if args.init or args.beta else ''} on {args.dataset} "
           f"({common.data_summary(train_set, val_set, test_set)}), "
           f"{common.describe(model.arch_name, model.arch_kwargs)}, "

@@ -90,6 +90,14 @@ def params_of(path):
     return {k: v for k, v in sd.items() if k.endswith('weight') or k.endswith('bias')}
 
 
+def test_jt_and_jtstar_defaults():
+    # JT: no norm term; JT* (--init): AELFs' default, Eq. (10)'s own norm at beta 0.1 (0.2 for wrn)
+    assert (train_jt.parse_args([]).beta, train_jt.parse_args([]).feature_norm) == (0.0, 'l2')
+    assert train_jt.parse_args(['--init', 'st.pt']).beta == 0.1
+    assert train_jt.parse_args(['--init', 'st.pt', '--dataset', 'cifar100']).beta == 0.2
+    assert train_jt.parse_args(['--init', 'st.pt', '--beta', '0']).beta == 0.0
+
+
 def test_jt_end_to_end_and_jtstar_init(data_dir, tmp_path):
     run_ok('train_jt.py', '--data-dir', data_dir, '--out', tmp_path / 'jt', *QUICK, '--split', 'full')
     assert len(read_log(tmp_path / 'jt')) == 1
@@ -102,9 +110,10 @@ def test_jt_end_to_end_and_jtstar_init(data_dir, tmp_path):
     assert all(torch.equal(st[k], jts0[k]) for k in st)
     fresh = params_of(tmp_path / 'jt' / 'last.pt')
     assert not all(torch.equal(st[k], fresh[k]) for k in st)
-    # JT* updates every parameter, w included (unlike AELFs)
-    run_ok('train_jt.py', '--data-dir', data_dir, '--out', tmp_path / 'jts', '--init', init,
-           '--beta', '0.5', *QUICK)
+    # JT* (--init, beta by default AELFs' 0.1 on ||f||_2, said in the paper's units) updates every
+    # parameter, w included (unlike AELFs)
+    proc = run_ok('train_jt.py', '--data-dir', data_dir, '--out', tmp_path / 'jts', '--init', init, *QUICK)
+    assert 'beta 0.1 on ||f||_2 (paper, cnn_b: 0.5)' in proc.stdout.splitlines()[0], proc.stdout
     jts = params_of(tmp_path / 'jts' / 'last.pt')
     assert not torch.equal(jts['fc.weight'], st['fc.weight'])
     ckpt = common.load_checkpoint(str(tmp_path / 'jts' / 'last.pt'))
