@@ -515,7 +515,7 @@ def add_common_args(parser):
 
 
 # --quick: the CPU protocol of the README's results table (MNIST), on top of a script's protocol
-QUICK = dict(width=0.25, train_size=8000, epochs=8, milestones=[4, 6])
+QUICK = dict(width=0.25, train_size=8000, test_size=1000, epochs=8, milestones=[4, 6])
 
 
 def finish_args(parser, args, protocol):

@@ -345,6 +345,7 @@ def test_quick_is_the_results_table_protocol_and_every_flag_overrides_it(data_di
     q = common.QUICK
     a = __import__('train_at').parse_args(['--quick'])
     assert (a.width, a.train_size, a.epochs, a.milestones) == (q['width'], q['train_size'], q['epochs'], q['milestones'])
+    assert (a.test_size, a.val_size) == (1000, 1000)     # the final test on the first 1,000 test images
     assert (a.eps, a.steps, a.step_size, a.model) == (0.3, 16, 0.02, 'cnn_b')      # the paper's PGD, model
     b = __import__('train_at').parse_args(['--quick', '--epochs', '3', '--width', '0.5'])
     assert (b.epochs, b.width, b.train_size) == (3, 0.5, 8000)

@@ -1,0 +1,45 @@
+#!/bin/bash
+# The README's results table: every method at --quick on real MNIST, trained and evaluated, then
+# printed by tests/results_table.py. Not a test. From the repository root:
+#
+#     bash tests/results.sh [SEED] [DATA_DIR] [OUT]      # defaults: 8, ../shared/data, runs/results
+#     python tests/results_table.py runs/results 8
+#
+# Two queues, one per CPU core (one thread each), as the README's table ran; on a GPU drop
+# OMP_NUM_THREADS/taskset and pass --device cuda through DEV=cuda. Per method: training
+# (--quick: its own final test on the first 1,000 test images), natural accuracy on
+# the whole test set and its shifted copies, the attack table with shifted PGD on the first
+# 1,000, AutoAttack (standard) on the first 200. AELFs and JT* start from the ST row's model
+# (the --quick ST phase they would otherwise run is that same run).
+set -eu
+S=${1:-8}; D=${2:-../shared/data}; R=${3:-runs/results}; DEV=${DEV:-cpu}
+PY=${PYTHON:-python}
+mkdir -p "$R"
+
+one() {   # one() CORE NAME SCRIPT [FLAGS...]: train, then the three evaluations
+    local core=$1 name=$2; shift 2
+    local o=$R/$name-s$S pin=()
+    [ "$DEV" = cpu ] && pin=(env OMP_NUM_THREADS=1 taskset -c "$core")
+    [ -f "$o/final.json" ] || "${pin[@]}" $PY "$@" --quick --data-dir "$D" --seed "$S" --device "$DEV" \
+        --out "$o" > "$o.log" 2>&1
+    "${pin[@]}" $PY eval.py --ckpt "$o/last.pt" --data-dir "$D" --device "$DEV" --no-table --shift 8 \
+        --no-shift-attack --json "$o.nat.json" > "$o.nat.log" 2>&1
+    "${pin[@]}" $PY eval.py --ckpt "$o/last.pt" --data-dir "$D" --device "$DEV" --test-size 1000 --shift 8 \
+        --json "$o.eval.json" > "$o.eval.log" 2>&1
+    "${pin[@]}" $PY eval.py --ckpt "$o/last.pt" --data-dir "$D" --device "$DEV" --test-size 200 --autoattack \
+        --json "$o.aa.json" > "$o.aa.log" 2>&1
+    echo "$name done: $(tail -n 1 "$o.log")"
+}
+
+ST=$R/st-s$S/last.pt
+( one 0 st train_at.py --standard
+  one 0 aelfs train_aelfs.py --init "$ST"
+  one 0 jtstar train_jt.py --init "$ST"
+  one 0 at train_at.py
+  one 0 aelf train_aelf.py ) &
+( one 1 trades train_trades.py
+  one 1 jt train_jt.py
+  one 1 again train_again.py
+  one 1 at-id train_att_id.py ) &
+wait
+echo "all runs in $R: python tests/results_table.py $R $S"

@@ -1,0 +1,93 @@
+"""Print the README's results table from the folder tests/results.sh filled. Not a test.
+
+    python tests/results_table.py runs/results 8 [9]
+
+One row per method: natural accuracy on the whole test set (eval.py --shift, natural), the
+training PGD, PGD-20 and CW-20 on the first 1,000 test images, AutoAttack (standard) and the
+per-image worst case over every attack on the first 200, natural and PGD accuracy on the up /
+down-shifted copies (AELF Table 2's N(U), N(D)), training time and speed from log.jsonl, and the
+paper's numbers for orientation (another protocol). With two seeds each cell is their mean and
+half their difference. AGAIN's PGD-20 is the strongest of its PGD-20 columns (the both-heads and
+BPDA attacks; main-only PGD cannot see through its argmax), its main-only PGD-20 in brackets.
+"""
+import json
+import os
+import sys
+
+ROWS = [  # name in the folder, label, paper numbers (natural / PGD, their table; another protocol)
+    ('st', 'ST', 'AELF T2: 99.54 / 0.0'),
+    ('at', 'AT', 'AELF T2: 99.37 / 93.36'),
+    ('jt', 'JT 0.5:0.5', 'AELF T2: 99.38 / 92.72'),
+    ('jtstar', 'JT* (beta 0.1 on ‖f‖₂, from ST)', '-'),
+    ('trades', 'TRADES (beta 1)', '-'),
+    ('aelf', 'AELF (lambda 1)', '-'),
+    ('aelfs', 'AELFs (beta 0.1 on ‖f‖₂, from ST)', 'AELF T2: 99.29 / 94.06'),
+    ('again', 'AGAIN (alpha 0.6)', 'AGAIN T2 (CIFAR-10, ResNet-18): 87.88 / 54.43, AA 49.31'),
+    ('at-id', 'AT-id (lambda 0.01; --quick: cnn_b, SGD)', 'AT-att-id T1 (Madry CNN): 98.66 / 95.69'),
+]
+
+
+def load(path):
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)['rows'][0]
+
+
+def numbers(folder, name, seed):
+    """The row's numbers for one seed, or None when its runs are missing."""
+    base = os.path.join(folder, f'{name}-s{seed}')
+    nat, ev, aa = (load(f'{base}.{kind}.json') for kind in ('nat', 'eval', 'aa'))
+    if not (nat and ev and aa):
+        return None
+    with open(os.path.join(base, 'log.jsonl')) as f:
+        log = [json.loads(line) for line in f]
+    pgd20 = ev['pgd20_acc']
+    adaptive = [ev[k] for k in ('pgd20_both_acc', 'pgd20_bpda_acc') if ev.get(k) is not None]
+    seconds = sum(r['seconds'] for r in log)
+    images = sum(r['seconds'] * r['images_per_s'] for r in log)
+    return {
+        'nat': nat['shift']['N']['natural'],
+        'pgd_train': ev['pgd_train_acc'],
+        'pgd20': min([pgd20] + adaptive),
+        'pgd20_main': pgd20 if adaptive else None,
+        'cw': ev['cw20_acc'],
+        'aa': aa['autoattack_acc'],
+        'worst': aa['worst_acc'],
+        'nat_u': nat['shift']['N(U)']['natural'], 'nat_d': nat['shift']['N(D)']['natural'],
+        'adv_u': ev['shift']['N(U)']['adversarial'], 'adv_d': ev['shift']['N(D)']['adversarial'],
+        'minutes': seconds / 60, 'img_s': images / seconds,
+    }
+
+
+def cell(values, digits=1):
+    values = [v for v in values if v is not None]
+    if not values:
+        return '-'
+    if len(values) == 1:
+        return f'{values[0]:.{digits}f}'
+    mean, half = sum(values) / len(values), (max(values) - min(values)) / 2
+    return f'{mean:.{digits}f} ± {half:.{digits}f}'
+
+
+def main(argv):
+    if not argv:
+        sys.exit(__doc__)
+    folder, seeds = argv[0], argv[1:] or ['8']
+    head = ['method', 'nat (10,000)', 'PGD-16 (train)', 'PGD-20', 'CW-20', 'AA (200)', 'worst (200)',
+            'nat N(U) / N(D)', 'PGD-16 N(U) / N(D)', 'train min', 'img/s', 'paper (another protocol)']
+    print('| ' + ' | '.join(head) + ' |')
+    print('|' + '---|' * len(head))
+    for name, label, paper in ROWS:
+        runs = [r for r in (numbers(folder, name, s) for s in seeds) if r]
+        if not runs:
+            continue
+        col = {k: cell([r[k] for r in runs], 0 if k == 'img_s' else 1) for k in runs[0]}
+        pgd20 = col['pgd20'] + (f" ({col['pgd20_main']} main-only)" if col['pgd20_main'] != '-' else '')
+        print(f"| {label} | {col['nat']} | {col['pgd_train']} | {pgd20} | {col['cw']} | {col['aa']} | "
+              f"{col['worst']} | {col['nat_u']} / {col['nat_d']} | {col['adv_u']} / {col['adv_d']} | "
+              f"{col['minutes']} | {col['img_s']} | {paper} |")
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])
