@@ -1,7 +1,8 @@
 #!/bin/bash
 # The GPU reproduction script: the CUDA checks, the speed tables and AELF Table 2 on a GPU, in
-# stages, each meant to fit a short GPU session. Not a test. On the GPU machine, from the repository root, with
-# `.gpu` carried as ../shared/device-notes.md says (pyautoattack's code, MNIST's four .gz files):
+# stages that can run one at a time. Not a test. On a GPU machine, from the repository root, with
+# `.gpu/` holding pyautoattack's code (.gpu/site) and MNIST's four .gz files (.gpu/data/MNIST/raw)
+# for a machine without internet access:
 #
 #     bash tests/gpu_session.sh STAGE [STAGE ...]
 #
@@ -18,12 +19,10 @@
 #   eval     eval.py --shift 8 (whole test set) and --autoattack (first 1,000) for every
 #            finished table-2 run, in the background; `poll` brings the results back
 #
-# Everything lands in $OUT (one .log and one .jsonl per stage, table2.tar.gz), at most 8 files.
-# Budget: `check speed compile` takes about 13 minutes of GPU time in all. Table 2 at the
-# paper protocol is about 2e16 FLOP per adversarial run (3M
-# images x ~35 passes of a 190-MFLOP cnn_b), so six runs side by side need the GPU to sustain
-# ~100 TFLOP/s on these small convolutions to end in 15 minutes: read `speed`'s img/s first, and
-# run only what fits (runs and checkpoints die with the machine).
+# Everything lands in $OUT (one .log and one .jsonl per stage, table2.tar.gz).
+# `check speed compile` take about 13 minutes in all (estimated, not yet run on a GPU). Table 2 at
+# the paper protocol is about 2e16 FLOP per adversarial run (3M images x ~35 passes of a
+# 190-MFLOP cnn_b): read `speed`'s img/s first to know how long the six runs will take.
 # For a dry run on the CPU: GPU_SESSION_DEVICE=cpu GPU_SESSION_SMALL=1 OUT=/tmp/o bash tests/gpu_session.sh check speed
 set -u
 cd "$(dirname "$0")/.."
