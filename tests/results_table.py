@@ -5,13 +5,16 @@
 One row per method: natural accuracy on the whole test set (eval.py --shift, natural), the
 training PGD, PGD-20 and CW-20 on the first 1,000 test images, AutoAttack (standard) and the
 per-image worst case over every attack on the first 200, natural and PGD accuracy on the up /
-down-shifted copies (AELF Table 2's N(U), N(D)), training time and speed from log.jsonl, and the
+down-shifted copies (AELF Table 2's N(U), N(D)), speed (the median epoch's images per second in
+log.jsonl), training time (the run's training images at that speed) and the whole run's minutes
+(the script's "done in" line: training, per-epoch validation and final test), and the
 paper's numbers for orientation (another protocol). With two seeds each cell is their mean and
 half their difference. AGAIN's PGD-20 is the strongest of its PGD-20 columns (the both-heads and
 BPDA attacks; main-only PGD cannot see through its argmax), its main-only PGD-20 in brackets.
 """
 import json
 import os
+import re
 import sys
 
 ROWS = [  # name in the folder, label, paper numbers (natural / PGD, their table; another protocol)
@@ -44,8 +47,15 @@ def numbers(folder, name, seed):
         log = [json.loads(line) for line in f]
     pgd20 = ev['pgd20_acc']
     adaptive = [ev[k] for k in ('pgd20_both_acc', 'pgd20_bpda_acc') if ev.get(k) is not None]
-    seconds = sum(r['seconds'] for r in log)
+    # speed: the median epoch's images per second (one slow epoch, e.g. a busy neighbour on the
+    # core, does not move it); training time: the run's images at that rate
+    rates = sorted(r['images_per_s'] for r in log)
+    rate = rates[len(rates) // 2] if len(rates) % 2 else (rates[len(rates) // 2 - 1] + rates[len(rates) // 2]) / 2
     images = sum(r['seconds'] * r['images_per_s'] for r in log)
+    wall = None                     # the script's own "done in" line: training, validation, test
+    if os.path.exists(f'{base}.log'):
+        m = re.search(r'done in (?:(\d+)h)?(\d+)m(\d+)s', open(f'{base}.log').read())
+        wall = m and int(m.group(1) or 0) * 60 + int(m.group(2)) + int(m.group(3)) / 60
     return {
         'nat': nat['shift']['N']['natural'],
         'pgd_train': ev['pgd_train_acc'],
@@ -56,7 +66,7 @@ def numbers(folder, name, seed):
         'worst': aa['worst_acc'],
         'nat_u': nat['shift']['N(U)']['natural'], 'nat_d': nat['shift']['N(D)']['natural'],
         'adv_u': ev['shift']['N(U)']['adversarial'], 'adv_d': ev['shift']['N(D)']['adversarial'],
-        'minutes': seconds / 60, 'img_s': images / seconds,
+        'minutes': images / rate / 60, 'img_s': rate, 'wall': wall,
     }
 
 
@@ -75,7 +85,7 @@ def main(argv):
         sys.exit(__doc__)
     folder, seeds = argv[0], argv[1:] or ['8']
     head = ['method', 'nat (10,000)', 'PGD-16 (train)', 'PGD-20', 'CW-20', 'AA (200)', 'worst (200)',
-            'nat N(U) / N(D)', 'PGD-16 N(U) / N(D)', 'train min', 'img/s', 'paper (another protocol)']
+            'nat N(U) / N(D)', 'PGD-16 N(U) / N(D)', 'train min', 'img/s', 'run min', 'paper (another protocol)']
     print('| ' + ' | '.join(head) + ' |')
     print('|' + '---|' * len(head))
     for name, label, paper in ROWS:
@@ -86,7 +96,7 @@ def main(argv):
         pgd20 = col['pgd20'] + (f" ({col['pgd20_main']} main-only)" if col['pgd20_main'] != '-' else '')
         print(f"| {label} | {col['nat']} | {col['pgd_train']} | {pgd20} | {col['cw']} | {col['aa']} | "
               f"{col['worst']} | {col['nat_u']} / {col['nat_d']} | {col['adv_u']} / {col['adv_d']} | "
-              f"{col['minutes']} | {col['img_s']} | {paper} |")
+              f"{col['minutes']} | {col['img_s']} | {col['wall'] if col['wall'] == '-' else col['wall'].split('.')[0]} | {paper} |")
 
 
 if __name__ == '__main__':
