@@ -41,7 +41,7 @@ def numbers(folder, name, seed):
     """The row's numbers for one seed, or None when its runs are missing."""
     base = os.path.join(folder, f'{name}-s{seed}')
     nat, ev, aa = (load(f'{base}.{kind}.json') for kind in ('nat', 'eval', 'aa'))
-    if not (nat and ev and aa):
+    if not (nat and ev):
         return None
     with open(os.path.join(base, 'log.jsonl')) as f:
         log = [json.loads(line) for line in f]
@@ -62,8 +62,8 @@ def numbers(folder, name, seed):
         'pgd20': min([pgd20] + adaptive),
         'pgd20_main': pgd20 if adaptive else None,
         'cw': ev['cw20_acc'],
-        'aa': aa['autoattack_acc'],
-        'worst': aa['worst_acc'],
+        'aa': aa and aa['autoattack_acc'],                  # '-' where AutoAttack was not run
+        'worst': aa['worst_acc'] if aa else ev['worst_acc'],
         'nat_u': nat['shift']['N(U)']['natural'], 'nat_d': nat['shift']['N(D)']['natural'],
         'adv_u': ev['shift']['N(U)']['adversarial'], 'adv_d': ev['shift']['N(D)']['adversarial'],
         'minutes': images / rate / 60, 'img_s': rate, 'wall': wall,
@@ -84,7 +84,7 @@ def main(argv):
     if not argv:
         sys.exit(__doc__)
     folder, seeds = argv[0], argv[1:] or ['8']
-    head = ['method', 'nat (10,000)', 'PGD-16 (train)', 'PGD-20', 'CW-20', 'AA (200)', 'worst (200)',
+    head = ['method', 'nat (10,000)', 'PGD-16 (train)', 'PGD-20', 'CW-20', 'AA (200)', 'worst (200; no AA: 1,000)',
             'nat N(U) / N(D)', 'PGD-16 N(U) / N(D)', 'train min', 'img/s', 'run min', 'paper (another protocol)']
     print('| ' + ' | '.join(head) + ' |')
     print('|' + '---|' * len(head))
