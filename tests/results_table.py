@@ -11,6 +11,7 @@ log.jsonl), training time (the run's training images at that speed) and the whol
 paper's numbers for orientation (another protocol). With two seeds each cell is their mean and
 half their difference. AGAIN's PGD-20 is the strongest of its PGD-20 columns (the both-heads and
 BPDA attacks; main-only PGD cannot see through its argmax), its main-only PGD-20 in brackets.
+A second table gives AutoAttack's breakdown per run.
 """
 import json
 import os
@@ -97,6 +98,16 @@ def main(argv):
         print(f"| {label} | {col['nat']} | {col['pgd_train']} | {pgd20} | {col['cw']} | {col['aa']} | "
               f"{col['worst']} | {col['nat_u']} / {col['nat_d']} | {col['adv_u']} / {col['adv_d']} | "
               f"{col['minutes']} | {col['img_s']} | {col['wall'] if col['wall'] == '-' else col['wall'].split('.')[0]} | {paper} |")
+    print('\nAutoAttack, robust accuracy (%) left after each of its attacks (first 200 test images):\n')
+    stages = ['clean', 'apgd-ce', 'apgd-t', 'fab-t', 'square']
+    print('| method, seed | ' + ' | '.join(['clean'] + [f'after {a.upper()}' for a in stages[1:]]) + ' |')
+    print('|' + '---|' * (len(stages) + 1))
+    for name, label, _ in ROWS:
+        for seed in seeds:
+            aa = load(os.path.join(folder, f'{name}-s{seed}.aa.json'))
+            if aa:
+                b = aa['autoattack_breakdown']
+                print(f'| {label}, {seed} | ' + ' | '.join(f'{b[a]:.1f}' if a in b else '-' for a in stages) + ' |')
 
 
 if __name__ == '__main__':
