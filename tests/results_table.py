@@ -44,6 +44,9 @@ def numbers(folder, name, seed):
     nat, ev, aa = (load(f'{base}.{kind}.json') for kind in ('nat', 'eval', 'aa'))
     if not (nat and ev):
         return None
+    for kind, row in (('nat', nat), ('eval', ev), ('aa', aa)):
+        if row and row['epoch'] != row['epochs']:       # evaluated while the run was unfinished
+            sys.exit(f"{base}.{kind}.json evaluated epoch {row['epoch']} of {row['epochs']}: rerun its eval.py")
     with open(os.path.join(base, 'log.jsonl')) as f:
         log = [json.loads(line) for line in f]
     pgd20 = ev['pgd20_acc']
