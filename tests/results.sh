@@ -11,7 +11,7 @@
 # the whole test set and its shifted copies, the attack table with shifted PGD on the first
 # 1,000, AutoAttack (standard) on the first 200. AELFs and JT* start from the ST row's model
 # (the --quick ST phase they would otherwise run is that same run).
-set -eu
+set -u
 S=${1:-8}; D=${2:-../shared/data}; R=${3:-runs/results}; DEV=${DEV:-cpu}
 PY=${PYTHON:-python}
 mkdir -p "$R"
@@ -20,14 +20,16 @@ one() {   # one() CORE NAME SCRIPT [FLAGS...]: train, then the three evaluations
     local core=$1 name=$2; shift 2
     local o=$R/$name-s$S pin=()
     [ "$DEV" = cpu ] && pin=(env OMP_NUM_THREADS=1 taskset -c "$core")
-    [ -f "$o/final.json" ] || "${pin[@]}" $PY "$@" --quick --data-dir "$D" --seed "$S" --device "$DEV" \
-        --out "$o" > "$o.log" 2>&1
+    if [ ! -f "$o/final.json" ]; then
+        "${pin[@]}" $PY "$@" --quick --data-dir "$D" --seed "$S" --device "$DEV" --out "$o" > "$o.log" 2>&1 ||
+            { echo "$name: training failed, see $o.log"; return 1; }
+    fi
     "${pin[@]}" $PY eval.py --ckpt "$o/last.pt" --data-dir "$D" --device "$DEV" --no-table --shift 8 \
-        --no-shift-attack --json "$o.nat.json" > "$o.nat.log" 2>&1
+        --no-shift-attack --json "$o.nat.json" > "$o.nat.log" 2>&1 || { echo "$name: see $o.nat.log"; return 1; }
     "${pin[@]}" $PY eval.py --ckpt "$o/last.pt" --data-dir "$D" --device "$DEV" --test-size 1000 --shift 8 \
-        --json "$o.eval.json" > "$o.eval.log" 2>&1
+        --json "$o.eval.json" > "$o.eval.log" 2>&1 || { echo "$name: see $o.eval.log"; return 1; }
     "${pin[@]}" $PY eval.py --ckpt "$o/last.pt" --data-dir "$D" --device "$DEV" --test-size 200 --autoattack \
-        --json "$o.aa.json" > "$o.aa.log" 2>&1
+        --json "$o.aa.json" > "$o.aa.log" 2>&1 || { echo "$name: see $o.aa.log"; return 1; }
     echo "$name done: $(tail -n 1 "$o.log")"
 }
 
