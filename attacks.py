@@ -42,7 +42,8 @@ def pgd(model, x, y, eps, steps, step_size, random_start=False, loss='ce', x_ini
     - On a model compiled by ``common.compile_model`` the weights are marked as not requiring
       gradients while attacking (and restored after): a compiled graph's backward computes the
       gradient of every input it was traced with, the weights' too, where eager autograd
-      computes only the input's (README "Speed" has the measured gain).
+      computes only the input's (one PGD step of the --quick cnn_b on one CPU core: 1.3-1.6x
+      faster than the compiled step without it, at commit cbd27d1).
       Eager models are left as they are (there the same made the steps 2-9% slower).
     """
     x = x.detach()

@@ -218,8 +218,8 @@ def autocast(device, enabled):
 
 def use_channels_last(device):
     """Whether models and batches use the channels_last (NHWC) memory format on ``device``:
-    on CUDA (cuDNN's fast convolutions) and on CPU (oneDNN's: 1.2-1.7x faster training for the
-    small cnn_b of the CPU protocol, see README "Speed"). Outputs are the same up to float
+    on CUDA (cuDNN's fast convolutions) and on CPU (oneDNN's: about 1.3x faster training of the
+    --quick cnn_b, README "Speed"). Outputs are the same up to float
     rounding (tests/test_models.py)."""
     return torch.device(device).type in ('cuda', 'cpu')
 
@@ -499,8 +499,9 @@ def add_common_args(parser):
     g = parser.add_argument_group('run')
     g.add_argument('--quick', action='store_true',
                    help='MNIST on a laptop CPU: the protocol of the README\'s results table (cnn_b '
-                        'width 0.25, the first 8,000 training images, 8 epochs, lr x0.1 after 4 '
-                        'and 6, the paper\'s PGD), not the paper\'s; any flag given overrides it')
+                        'width 0.25, 8,000 training images, 8 epochs, lr x0.1 after 4 and 6, the '
+                        'paper\'s PGD, the test on the first 1,000 test images), not the paper\'s; '
+                        'any flag given overrides it')
     g.add_argument('--seed', type=int, help='random seed')
     g.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'], help='auto: cuda if available')
     g.add_argument('--amp', action='store_true', help='bfloat16 autocast on CUDA')
@@ -514,7 +515,7 @@ def add_common_args(parser):
     return parser
 
 
-# --quick: the CPU protocol of the README's results table (MNIST), on top of a script's protocol
+# --quick: the small MNIST protocol of the README's results table, on top of a script's protocol
 QUICK = dict(width=0.25, train_size=8000, test_size=1000, epochs=8, milestones=[4, 6])
 
 
@@ -730,7 +731,7 @@ class Run:
         self.resume_ckpt = None
         self.best_score = None
         if getattr(args, 'quick', False):
-            print("--quick: the README's CPU protocol on MNIST (" + ', '.join(
+            print("--quick: a small MNIST protocol (" + ', '.join(
                 f"{k.replace('_', '-')} {_show(v)}" for k, v in QUICK.items()) + "), not the paper's "
                 "protocol: the README's Results give its expected numbers", flush=True)
         os.makedirs(self.dir, exist_ok=True)

@@ -356,5 +356,5 @@ def test_quick_is_the_results_table_protocol_and_every_flag_overrides_it(data_di
     assert 'MNIST preset' in one_line_error(run_script('train_at.py', '--quick', '--dataset', 'cifar10'))
     proc = run_ok('train_at.py', '--quick', '--data-dir', data_dir, '--out', tmp_path / 'q', '--train-size', '32',
                   '--epochs', '1', '--val-size', '16', '--test-size', '16', '--steps', '1', '--device', 'cpu')
-    assert "--quick: the README's CPU protocol" in proc.stdout and "not the paper's" in proc.stdout
+    assert "--quick: a small MNIST protocol" in proc.stdout and "not the paper's" in proc.stdout
     assert common.load_checkpoint(str(tmp_path / 'q' / 'last.pt'))['model_kwargs']['width'] == 0.25
