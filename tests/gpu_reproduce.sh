@@ -4,7 +4,7 @@
 # `.gpu/` holding pyautoattack's code (.gpu/site) and MNIST's four .gz files (.gpu/data/MNIST/raw)
 # for a machine without internet access:
 #
-#     bash tests/gpu_session.sh STAGE [STAGE ...]
+#     bash tests/gpu_reproduce.sh STAGE [STAGE ...]
 #
 #   check    nvidia-smi, then tests/test_cuda.py (every script on CUDA, fp32
 #            and --amp, ResNet-18 and WRN on synthetic CIFAR, AutoAttack)           ~3 min
@@ -23,7 +23,7 @@
 # `check speed compile` take about 13 minutes in all (estimated, not yet run on a GPU). Table 2 at
 # the paper protocol is about 2e16 FLOP per adversarial run (3M images x ~35 passes of a
 # 190-MFLOP cnn_b): read `speed`'s img/s first to know how long the six runs will take.
-# For a dry run on the CPU: GPU_SESSION_DEVICE=cpu GPU_SESSION_SMALL=1 OUT=/tmp/o bash tests/gpu_session.sh check speed
+# For a dry run on the CPU: GPU_SESSION_DEVICE=cpu GPU_SESSION_SMALL=1 OUT=/tmp/o bash tests/gpu_reproduce.sh check speed
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD/.gpu/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
