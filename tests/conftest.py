@@ -91,7 +91,7 @@ def data_dir(tmp_path_factory):
 
 
 # A proxy on a closed local port: torchvision's download fails at once, as it would offline.
-# Set for the whole test session, so in-process runs cannot reach the network either.
+# Set for the whole test run, so in-process runs cannot reach the network either.
 OFFLINE_ENV = {'http_proxy': 'http://127.0.0.1:9', 'https_proxy': 'http://127.0.0.1:9',
                'HTTP_PROXY': 'http://127.0.0.1:9', 'HTTPS_PROXY': 'http://127.0.0.1:9',
                'no_proxy': '', 'NO_PROXY': ''}
@@ -167,7 +167,7 @@ ROBUST_MARGIN = 12.0
 @pytest.fixture(scope='session')
 def quick_runs(data_dir, tmp_path_factory):
     """AT and ST of cnn_b, and AT of the Madry CNN (no global pooling), on synthetic MNIST with
-    the QUICK flags, trained once per test session for the tests that only read them (eval.py,
+    the QUICK flags, trained once per test run for the tests that only read them (eval.py,
     analyses, checkpoints): {name: (run folder, what the run printed)}. A test that changes a
     folder copies it first. Only train_at.py trains them, so a method's blanked loss function
     fails that method's tests alone."""
@@ -186,7 +186,7 @@ needs_real_mnist = pytest.mark.skipif(not HAS_REAL_MNIST, reason='real MNIST not
 
 @pytest.fixture(scope='session')
 def real_st_run(tmp_path_factory):
-    """ST on the real-MNIST protocol (REAL_ST), trained once per session: the baseline every
+    """ST on the real-MNIST protocol (REAL_ST), trained once per test run: the baseline every
     learning test compares with, and the init of AELFs."""
     if not HAS_REAL_MNIST:
         pytest.skip('real MNIST not in ../shared/data')

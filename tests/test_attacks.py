@@ -15,7 +15,7 @@ def tiny_model(seed=0):
 
 def trained_model():
     """A tiny cnn_b fitted for a few steps to a learnable synthetic problem (fitted once per
-    session; every call gets its own copy)."""
+    test run; every call gets its own copy)."""
     model, x, y, rng = _trained_model()
     torch.set_rng_state(rng)            # the generator's state as a fresh fit would leave it
     return copy.deepcopy(model), x.clone(), y.clone()
