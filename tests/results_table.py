@@ -68,6 +68,7 @@ def numbers(folder, name, seed):
         'cw': ev['cw20_acc'],
         'aa': aa and aa['autoattack_acc'],                  # '-' where AutoAttack was not run
         'worst': aa['worst_acc'] if aa else ev['worst_acc'],
+        'worst_on': 200 if aa else 1000,
         'nat_u': nat['shift']['N(U)']['natural'], 'nat_d': nat['shift']['N(D)']['natural'],
         'adv_u': ev['shift']['N(U)']['adversarial'], 'adv_d': ev['shift']['N(D)']['adversarial'],
         'minutes': images / rate / 60, 'img_s': rate, 'wall': wall,
@@ -75,11 +76,13 @@ def numbers(folder, name, seed):
 
 
 def cell(values, digits=1):
+    """One seed's value, or the mean and half the difference; '¹' marks one value among more seeds."""
+    one_of_more = len(values) > 1 and sum(v is not None for v in values) == 1
     values = [v for v in values if v is not None]
     if not values:
         return '-'
     if len(values) == 1:
-        return f'{values[0]:.{digits}f}'
+        return f'{values[0]:.{digits}f}' + ('¹' if one_of_more else '')
     mean, half = sum(values) / len(values), (max(values) - min(values)) / 2
     return f'{mean:.{digits}f} ± {half:.{digits}f}'
 
@@ -93,14 +96,20 @@ def main(argv):
     print('| ' + ' | '.join(head) + ' |')
     print('|' + '---|' * len(head))
     for name, label, paper in ROWS:
-        runs = [r for r in (numbers(folder, name, s) for s in seeds) if r]
-        if not runs:
+        runs = [numbers(folder, name, s) for s in seeds]            # None: that seed not run
+        done = [r for r in runs if r]
+        if not done:
             continue
-        col = {k: cell([r[k] for r in runs], 0 if k == 'img_s' else 1) for k in runs[0]}
+        if len({r['worst_on'] for r in done}) > 1:      # a seed without AutoAttack: its worst is on 1,000
+            for r in done:
+                r['worst'] = r['worst'] if r['worst_on'] == 200 else None
+        col = {k: cell([r and r[k] for r in runs], 0 if k in ('img_s', 'wall') else 1) for k in done[0] if k != 'worst_on'}
         pgd20 = col['pgd20'] + (f" ({col['pgd20_main']} main-only)" if col['pgd20_main'] != '-' else '')
         print(f"| {label} | {col['nat']} | {col['pgd_train']} | {pgd20} | {col['cw']} | {col['aa']} | "
               f"{col['worst']} | {col['nat_u']} / {col['nat_d']} | {col['adv_u']} / {col['adv_d']} | "
-              f"{col['minutes']} | {col['img_s']} | {col['wall'] if col['wall'] == '-' else col['wall'].split('.')[0]} | {paper} |")
+              f"{col['minutes']} | {col['img_s']} | {col['wall']} | {paper} |")
+    if len(seeds) > 1:
+        print(f'\nWith seeds {", ".join(seeds)}: mean ± half the difference; ¹ one seed only (the other not run).')
     print('\nAutoAttack, robust accuracy (%) left after each of its attacks (first 200 test images):\n')
     stages = ['clean', 'apgd-ce', 'apgd-t', 'fab-t', 'square']
     print('| method, seed | ' + ' | '.join(['clean'] + [f'after {a.upper()}' for a in stages[1:]]) + ' |')
