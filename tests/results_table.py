@@ -84,7 +84,7 @@ def cell(values, digits=1):
     if len(values) == 1:
         return f'{values[0]:.{digits}f}' + ('¹' if one_of_more else '')
     mean, half = sum(values) / len(values), (max(values) - min(values)) / 2
-    return f'{mean:.{digits}f} ± {half:.{digits}f}'
+    return f'{mean:.{digits}f}±{half:.{digits}f}'
 
 
 def main(argv):
@@ -119,7 +119,7 @@ def main(argv):
             aa = load(os.path.join(folder, f'{name}-s{seed}.aa.json'))
             if aa:
                 b = aa['autoattack_breakdown']
-                print(f'| {label}, {seed} | ' + ' | '.join(f'{b[a]:.1f}' if a in b else '-' for a in stages) + ' |')
+                print(f"| {label.split(' (')[0]}, {seed} | " + ' | '.join(f'{b[a]:.1f}' if a in b else '-' for a in stages) + ' |')
 
 
 if __name__ == '__main__':
