@@ -34,8 +34,8 @@ Reading of the paper, where it leaves room:
   avoid that feature norm ||*||_2 controls entire loss", which only makes sense for a norm that
   grows with D, the literal one. So the default keeps the paper's term and lowers its value:
   beta 0.1 on ||f||_2 for cnn_b (the lower end of App. B.2's range [0.1, 0.5]), chosen by
-  PGD in a sweep of 0.05-0.3 on the full CNN_B (README, "AELFs' beta on the paper's norm";
-  AutoAttack finds that model's robustness mostly masked there); WRN keeps the paper's 0.2
+  PGD in a sweep of 0.05-0.5 on the full CNN_B (README, "AELFs' beta on the paper's norm",
+  where AutoAttack finds every beta mostly masked and ranks them otherwise); WRN keeps the paper's 0.2
   (untested here: no CIFAR run fits a CPU). The other readings are flags: ``rms`` (||f||_2 /
   sqrt(D); beta b on it is b / sqrt(D) on ||f||_2), ``ms`` (||f||_2^2 / D) and ``l2sq``
   (||f||_2^2). A run whose embeddings collapse says so in one warning line that names a smaller
