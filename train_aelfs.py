@@ -39,8 +39,8 @@ Reading of the paper, where it leaves room:
   as at --quick (width 0.25); AutoAttack finds both mostly masked on the full CNN_B at that
   length. WRN keeps the paper's 0.2 (untested here: no CIFAR run fits a CPU). The other
   readings are flags: ``rms`` (||f||_2 / sqrt(D); beta b on it is b / sqrt(D) on ||f||_2),
-  ``ms`` (||f||_2^2 / D) and ``l2sq`` (||f||_2^2). A run whose embeddings collapse says so in one warning line that names a smaller
-  beta (mean ||f|| and ||f'|| are in every epoch's log).
+  ``ms`` (||f||_2^2 / D) and ``l2sq`` (||f||_2^2). A run whose embeddings collapse says so in
+  one warning line that names a smaller beta (mean ||f|| and ||f'|| are in every epoch's log).
   ``--beta-adv`` sets a separate beta for f' ("beta can be separately set", Sec. 3.2).
 - BatchNorm (``--bn-batch``): x and x' go through c in one forward pass (``mixed``, one set of
   batch statistics for the combined batch, as a single-loss implementation does); ``separate``
