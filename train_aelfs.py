@@ -37,8 +37,9 @@ Reading of the paper, where it leaves room:
   sweep of 0.05-0.5 on the full CNN_B (README, "AELFs' beta on the paper's norm"): after 8
   epochs it leads 0.2, the best after 2 under AutoAttack, under PGD-20, CW-20 and AutoAttack,
   as at --quick (width 0.25); AutoAttack finds both mostly masked on the full CNN_B at that
-  length, as it finds AT after 2 epochs from the same init (the short training, not AELFs). WRN keeps the paper's 0.2 (untested here: no CIFAR run fits a CPU). The other
-  readings are flags: ``rms`` (||f||_2 / sqrt(D); beta b on it is b / sqrt(D) on ||f||_2),
+  length, as it finds AT after 2 epochs from the same init (the short training, not AELFs).
+  WRN keeps the paper's 0.2 (untested here: no CIFAR run fits a CPU). The other readings are
+  flags: ``rms`` (||f||_2 / sqrt(D); beta b on it is b / sqrt(D) on ||f||_2),
   ``ms`` (||f||_2^2 / D) and ``l2sq`` (||f||_2^2). A run whose embeddings collapse says so in
   one warning line that names a smaller beta (mean ||f|| and ||f'|| are in every epoch's log).
   ``--beta-adv`` sets a separate beta for f' ("beta can be separately set", Sec. 3.2).
