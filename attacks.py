@@ -9,7 +9,12 @@ import torch.nn.functional as F
 
 
 def cw_margin(logits, y):
-    """Per-sample CW margin: max_{j != y} z_j - z_y (positive = misclassified)."""
+    """Per-sample CW margin: max_{j != y} z_j - z_y (positive = misclassified).
+
+    Uncapped: Madry et al.'s, CAT's and AGAIN's ``cwloss`` clamp the margin at kappa = 50
+    (``-relu(z_y - max_j z_j + 50)``), which stops pushing an image once it is misclassified
+    by 50. The cap changes where PGD's steps go only for images already that far across the
+    boundary, so no reported accuracy changes; the signed gradient is the same elsewhere."""
     true = logits.gather(1, y[:, None]).squeeze(1)
     other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float('-inf')).amax(1)
     return other - true

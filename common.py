@@ -13,8 +13,13 @@ import json
 import math
 import os
 import pickle
+import re
+import shlex
+import shutil
+import signal
 import socket
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -28,21 +33,56 @@ class UserError(Exception):
     """A problem the user can fix; printed as one line, without a traceback."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, a job scheduler's stop), raised where the program is, like Ctrl-C."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+COMMAND = []     # the running script's command line (script file and its arguments)
+
+
+def command_line(add=(), drop=('--overwrite',)):
+    """The running script's command as a user would type it again, with the flags ``add``
+    (and without ``drop``)."""
+    words = [w for w in COMMAND if w not in drop] + [a for a in add if a not in COMMAND]
+    return 'python ' + shlex.join(words)
+
+
 def main_guard(main):
-    """Run ``main`` so that a UserError (or Ctrl-C) ends the program with one line."""
+    """Run ``main`` so that a UserError ends the program with one line, and Ctrl-C (SIGINT) or
+    SIGTERM with one line saying what the run folder keeps and the command that continues it.
+    Either way the folder's lock is released and no temporary file is left."""
     @functools.wraps(main)
     def wrapper(argv=None):
-        held = len(FolderLock.held)
+        held, runs = len(FolderLock.held), len(Run.active)
+        script = os.path.basename(getattr(sys.modules.get(main.__module__), '__file__', None) or 'script.py')
+        COMMAND[:] = [script, *map(str, sys.argv[1:] if argv is None else argv)]
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
         try:
             return main(argv)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
-        except KeyboardInterrupt:
-            print("interrupted: the run folder keeps the last finished epoch (use --resume)",
-                  file=sys.stderr)
-            sys.exit(130)
+        except KeyboardInterrupt as e:
+            name = 'SIGTERM' if isinstance(e, Terminated) else 'SIGINT'
+            run = Run.active[-1] if len(Run.active) > runs else None
+            if run is None:
+                print(f"interrupted ({name})", file=sys.stderr)
+            elif run.saved_epoch:
+                print(f"interrupted ({name}): {run.dir} keeps epoch {run.saved_epoch} in last.pt; "
+                      f"continue with: {command_line(['--resume'])}", file=sys.stderr)
+            else:
+                print(f"interrupted ({name}) before the first epoch ended: {run.dir} holds no "
+                      f"checkpoint; run the same command again", file=sys.stderr)
+            sys.exit(143 if name == 'SIGTERM' else 130)
         finally:       # the run folders this call locked are free again (main called in-process)
+            if in_main_thread:
+                signal.signal(signal.SIGTERM, previous)
+            del Run.active[runs:]
             for lock in FolderLock.held[held:]:
                 lock.release()
     return wrapper
@@ -519,6 +559,39 @@ def add_common_args(parser):
 QUICK = dict(width=0.25, train_size=8000, test_size=1000, epochs=8, milestones=[4, 6])
 
 
+# The values every numeric flag of the train_*.py scripts may take, as intervals ('inf' =
+# unbounded). Outside them a run stops at parse time with one line: NaN, infinities and signs
+# that mean nothing (a negative lr, a momentum of 1 or more, an eps beyond the [0, 1] pixel
+# range) never reach the training loop. Upper bounds keep out values that cannot be meant
+# (a width or an image side that would not fit in any memory). Each script adds its own flags.
+RANGES = {
+    'width': '(0, 16]', 'slope': '[0, 1)', 'depth': '[10, 100]', 'widen_factor': '[1, 20]',
+    'dropout': '[0, 1)', 'blocks': '[1, 50]', 'image_size': '[8, 512]', 'padding': '[0, 32]',
+    'train_size': '[1, inf)', 'test_size': '[1, inf)', 'val_size': '[0, inf)',
+    'epochs': '[1, 100000]', 'lr': '(0, 10]', 'milestones': '[1, 100000]',
+    'batch_size': '[1, 100000]', 'momentum': '[0, 1)', 'weight_decay': '[0, 1)',
+    'eps': '[0, 1]', 'steps': '[0, 10000]', 'step_size': '[0, 1]', 'seed': '[0, 4294967295]',
+}
+
+
+def check_ranges(parser, args, ranges):
+    """Stop with argparse's one-line usage error when a flag's value (each value of a list) is
+    not a finite number inside its interval of ``ranges`` ({dest: '[lo, hi)' ...}); unset
+    (None) values are skipped."""
+    for dest, interval in ranges.items():
+        value = getattr(args, dest, None)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        left, lo, hi, right = re.fullmatch(r'([\[(])\s*(\S+),\s*(\S+)\s*([\])])', interval).groups()
+        lo, hi = float(lo), float(hi)
+        for v in values:
+            if v is None:
+                continue
+            inside = (math.isfinite(v) and (v >= lo if left == '[' else v > lo)
+                      and (v <= hi if right == ']' else v < hi))
+            if not inside:
+                parser.error(f"--{dest.replace('_', '-')} {v:g}: must be a number in {interval}")
+
+
 def finish_args(parser, args, protocol):
     """Fill every flag left unset from ``protocol`` (a dict of defaults; with --quick, QUICK
     over it), then validate. Bad values end with argparse's one-line usage error."""
@@ -539,16 +612,9 @@ def finish_args(parser, args, protocol):
         args.widen_factor = 10
     if args.image_size is None:
         args.image_size = 32 if args.model != 'madry_cnn' else DATASETS[args.dataset].native_size
+    check_ranges(parser, args, RANGES)
     checks = [
-        (args.epochs > 0, '--epochs must be positive'),
-        (args.batch_size > 0, '--batch-size must be positive'),
-        (args.lr > 0, '--lr must be positive'),
-        (args.eps >= 0 and args.steps >= 0 and args.step_size >= 0, '--eps, --steps, --step-size must be >= 0'),
         (list(args.milestones) == sorted(args.milestones), '--milestones must be increasing'),
-        (args.width > 0, '--width must be positive'),
-        (args.train_size is None or args.train_size > 0, '--train-size must be positive'),
-        (args.test_size is None or args.test_size > 0, '--test-size must be positive'),
-        (args.val_size >= 0, '--val-size must be >= 0'),
         (not (args.resume and args.overwrite), '--resume and --overwrite exclude each other'),
         (args.image_size % 8 == 0 or args.model not in ('cnn_b',), 'cnn_b needs --image-size a multiple of 8'),
     ]
@@ -599,9 +665,11 @@ def load_data(args, device):
     first --train-size of the remaining training images, in their order; ``test``: the first
     --test-size test images, read only after the last epoch (Run.finish)."""
     x, y = read_split(args.dataset, args.data_dir, True)
-    if args.val_size >= len(y):
-        raise UserError(f"--val-size {args.val_size} leaves no training images ({len(y)} in "
-                        f"{args.dataset}'s training split): choose a smaller --val-size")
+    if len(y) - args.val_size < args.batch_size:
+        left = max(len(y) - args.val_size, 0)
+        raise UserError(f"--val-size {args.val_size} leaves {left} of the {len(y)} images of "
+                        f"{args.dataset}'s training split for training, fewer than one batch "
+                        f"(--batch-size {args.batch_size}): choose a smaller --val-size")
     held = validation_indices(len(y), args.val_size)
     keep = torch.ones(len(y), dtype=torch.bool)
     keep[held] = False
@@ -620,6 +688,79 @@ def data_summary(train, val, test):
 
 def attack_summary(args):
     return f"PGD({args.eps:g}, {args.steps}, {args.step_size:g}{', rand' if args.random_start else ''})"
+
+
+# ----------------------------------------------------------------------------------- writes
+
+RESUME_HINT = "the run folder keeps its last finished epoch: free some space, then add --resume"
+
+
+def _free_space(path):
+    try:
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path)) or '.').free
+    except OSError:
+        return 'unknown space'
+    for unit in ('bytes', 'KB', 'MB', 'GB'):
+        if free < 1024 or unit == 'GB':
+            return f"{free:.0f} {unit}" if unit == 'bytes' else f"{free:.1f} {unit}"
+        free /= 1024
+
+
+def write_failed(path, error, hint=RESUME_HINT):
+    """The one-line UserError for a write of ``path`` that failed (a full disk, a missing or
+    read-only folder): the reason, the free space where the file goes, and what to do."""
+    if isinstance(error, OSError) and error.strerror:
+        reason = error.strerror
+    else:        # torch.save reports a full disk as a RuntimeError ('... file write failed')
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+    return UserError(f"cannot write {path}: {reason} ({_free_space(path)} free there); {hint}")
+
+
+def write_atomically(path, write, hint=RESUME_HINT):
+    """``write(tmp)`` into a temporary file beside ``path``, then rename it over ``path``: the
+    previous file stays whole until the new one is complete. If the write fails (a full disk)
+    or is interrupted, the temporary file is removed and a write failure is one line."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        if isinstance(e, (OSError, RuntimeError)):
+            raise write_failed(path, e, hint) from None
+        raise
+
+
+def write_text(path, text, hint=RESUME_HINT):
+    def write(tmp):
+        with open(tmp, 'w') as f:
+            f.write(text)
+    write_atomically(path, write, hint)
+
+
+def append_line(path, line, hint=RESUME_HINT):
+    """Append one line; if the write fails, the file is cut back to what it held before."""
+    size = os.path.getsize(path) if os.path.exists(path) else 0
+    try:
+        with open(path, 'a') as f:
+            f.write(line + '\n')
+    except OSError as e:
+        try:
+            os.truncate(path, size)
+        except OSError:
+            pass
+        raise write_failed(path, e, hint) from None
+
+
+def save_picture(tensor, path, **kwargs):
+    """torchvision's save_image, written atomically (one line if the disk is full)."""
+    from torchvision.utils import save_image
+    ext = os.path.splitext(path)[1].lstrip('.').lower() or 'png'
+    write_atomically(path, lambda tmp: save_image(tensor, tmp, format=ext, **kwargs),
+                     hint='free some space and run eval.py again')
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -643,9 +784,7 @@ def save_checkpoint(path, model, args, epoch, optimizer=None, metrics=None, fini
         'finished': finished,
         **extra,
     }
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: torch.save(payload, tmp))
 
 
 def resolve_checkpoint(path):
@@ -734,25 +873,50 @@ class Run:
             print("--quick: a small MNIST protocol (" + ', '.join(
                 f"{k.replace('_', '-')} {_show(v)}" for k, v in QUICK.items()) + "), not the paper's "
                 "protocol: the README's Results give its expected numbers", flush=True)
-        os.makedirs(self.dir, exist_ok=True)
+        try:
+            os.makedirs(self.dir, exist_ok=True)
+        except OSError as e:
+            raise write_failed(self.dir, e, "choose another --out") from None
         self.lock = FolderLock(self.dir)      # before anything in the folder is read or removed
-        if os.path.exists(self.last):
-            ckpt = load_checkpoint(self.last)
+        self.saved_epoch = 0                  # the epoch last.pt holds (said if interrupted)
+        Run.active.append(self)
+        if os.path.exists(self.last) and args.overwrite:
+            for p in (self.last, self.best, self.log_path, os.path.join(self.dir, 'final.json')):
+                if os.path.exists(p):
+                    os.remove(p)
+        elif os.path.exists(self.last):
+            ckpt = self._read_last()
             state = 'a finished run' if ckpt.get('finished') else f"a run stopped after epoch {ckpt['epoch']}"
             if args.resume:
                 self.resume_ckpt = ckpt
                 self.best_score = ckpt.get('best_score')
+                self.saved_epoch = ckpt['epoch']
                 self._trim_log(ckpt['epoch'])
-            elif args.overwrite:
-                for p in (self.last, self.best, self.log_path, os.path.join(self.dir, 'final.json')):
-                    if os.path.exists(p):
-                        os.remove(p)
             else:
                 raise UserError(f"{self.dir} holds {state}: pass --resume to continue it, "
                                 f"--overwrite to start again, or --out to use another folder")
         elif args.resume:
             raise UserError(f"nothing to resume: {self.last} does not exist")
         self.start = time.time()
+
+    active = []        # the Runs of the running main (main_guard names the folder if interrupted)
+
+    def _read_last(self):
+        """last.pt, or one line saying it is unreadable and whether best.pt can take its place."""
+        try:
+            return load_checkpoint(self.last)
+        except UserError as e:
+            reason = str(e)
+        try:
+            best = load_checkpoint(self.best) if os.path.exists(self.best) else None
+        except UserError:
+            best = None
+        if best is None:
+            raise UserError(f"{reason.split(': the file is')[0]}, and there is no readable best.pt: "
+                            f"start again with {command_line(['--overwrite'], drop=('--resume',))}")
+        raise UserError(f"{reason.split(': the file is')[0]}; {self.best} (epoch {best['epoch']}) is intact: "
+                        f"continue from it with  cp {shlex.quote(self.best)} {shlex.quote(self.last)} "
+                        f"&& {command_line(['--resume'])}")
 
     def _trim_log(self, epoch):
         """Drop log lines of epochs after the checkpoint's (a run killed between writing an
@@ -769,10 +933,16 @@ class Run:
             except (ValueError, KeyError, TypeError):
                 pass                      # a line cut short by the kill
         if len(keep) != len(lines):
-            tmp = f"{self.log_path}.tmp{os.getpid()}"
-            with open(tmp, 'w') as f:
-                f.writelines(keep)
-            os.replace(tmp, self.log_path)
+            write_text(self.log_path, ''.join(keep))
+
+    @property
+    def tested(self):
+        """final.json written after the last epoch: last.pt and best.pt of this run tested."""
+        try:
+            with open(os.path.join(self.dir, 'final.json')) as f:
+                return json.load(f)['last']['epoch'] == self.args.epochs
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
 
     @property
     def start_epoch(self):
@@ -795,8 +965,7 @@ class Run:
 
     def log_epoch(self, record, total_epochs):
         """Append one JSON line and print one console line with an ETA."""
-        with open(self.log_path, 'a') as f:
-            f.write(json.dumps(record) + '\n')
+        append_line(self.log_path, json.dumps(record))
         done = record['epoch'] - self.start_epoch
         left = total_epochs - record['epoch']
         eta = (time.time() - self.start) / max(done, 1) * left
@@ -820,9 +989,12 @@ class Run:
         if improved:
             self.best_score = score
         extra.update(best_score=self.best_score, script=self.script)
-        save_checkpoint(self.last, model, self.args, epoch, optimizer, metrics, finished, **extra)
+        # best.pt first: if a write fails (a full disk), last.pt still holds the previous epoch
+        # and its best_score names the best.pt on disk or the one --resume writes again
         if improved:
             save_checkpoint(self.best, model, self.args, epoch, optimizer, metrics, finished, **extra)
+        save_checkpoint(self.last, model, self.args, epoch, optimizer, metrics, finished, **extra)
+        self.saved_epoch = epoch
 
     def finish(self, model, test_set, attack, amp=False):
         """After the last epoch, the only time a run reads the test split: the accuracy of
@@ -842,8 +1014,9 @@ class Run:
                 result['best'] = {'epoch': best['epoch'],
                                   **test(model_from_checkpoint(best, device, self.best).eval())}
             result['best']['val_score'] = best['best_score']
-        with open(os.path.join(self.dir, 'final.json'), 'w') as f:
-            json.dump(result, f, indent=1)
+        write_text(os.path.join(self.dir, 'final.json'), json.dumps(result, indent=1),
+                   hint="last.pt and best.pt are complete: free some space, then add --resume "
+                        "to write final.json")
         parts = [f"{name}.pt (epoch {r['epoch']}): test nat {r['test_nat']:.2f}%, adv {r['test_adv']:.2f}%"
                  for name, r in ((n, result.get(n)) for n in ('last', 'best')) if r]
         print(f"done in {format_seconds(time.time() - self.start)} ({len(test_set)} test images): "
@@ -870,7 +1043,11 @@ class FolderLock:
         except ImportError:      # no flock (Windows): run without the lock rather than not at all
             return
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise write_failed(self.path, e, "free some space (or choose another --out), then "
+                                                 "run the same command again") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -889,13 +1066,23 @@ class FolderLock:
         if previous:
             print(f"note: {folder} had a lock of a run that is gone ({previous}); taking it over",
                   flush=True)
+        try:
+            self._write_owner(fd)
+        except OSError as e:          # a full disk: no lock file is left behind
+            os.unlink(self.path)
+            os.close(fd)
+            raise write_failed(self.path, e, "the run folder is as it was: free some space, then "
+                                             "run the same command again") from None
+        self.fd = fd
+        FolderLock.held.append(self)
+        atexit.register(self.release)
+
+    @staticmethod
+    def _write_owner(fd):
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({'pid': os.getpid(), 'host': socket.gethostname(),
                                  'started': time.strftime('%Y-%m-%d %H:%M:%S')}).encode())
         os.fsync(fd)
-        self.fd = fd
-        FolderLock.held.append(self)
-        atexit.register(self.release)
 
     @staticmethod
     def _read(fd):

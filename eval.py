@@ -108,10 +108,14 @@ def parse_args(argv=None):
     p.add_argument('--seed', type=int, default=0, help='seed for random starts and AutoAttack')
     p.add_argument('--json', help='write the numbers to this JSON file as well')
     args = p.parse_args(argv)
-    if args.test_size is not None and args.test_size <= 0:
-        p.error('--test-size must be positive')
-    if args.shift is not None and args.shift <= 0:
-        p.error('--shift must be a positive number of pixels')
+    common.check_ranges(p, args, {
+        'test_size': '[1, inf)', 'batch_size': '[1, 100000]', 'eps': '[0, 1]', 'seed': '[0, 4294967295]',
+        'n_images': '[1, 64]', 'shift': '[1, 32]', 'smoothgrad': '[0, 10000]', 'smoothgrad_sigma': '[0, 1]',
+        'asc_threshold': '[0, 1]', 'square_queries': '[1, 1000000]'})
+    for p_eps, p_steps, p_step in args.pgd or []:
+        if not (0 <= p_eps <= 1 and p_steps in range(10001) and 0 <= p_step <= 1):
+            p.error(f"--pgd {p_eps:g} {p_steps:g} {p_step:g}: EPS and STEP in [0, 1], STEPS a whole "
+                    f"number in [0, 10000]")
     try:
         args.sign_thresholds = [float(t) for t in args.sign_thresholds.split(',')]
     except ValueError:
@@ -468,7 +472,6 @@ def rgb(x):
 def gradient_pictures(paths, args, device):
     """--grad-maps and --grad-signs: a row of inputs, then one row per checkpoint (for the
     signs, one block of images per threshold)."""
-    from torchvision.utils import save_image
     maps, signs, inputs = [], [], None
     for path in paths:
         model, x, y = picture_inputs(path, args, device)
@@ -485,12 +488,12 @@ def gradient_pictures(paths, args, device):
               f"(--grad-signs thresholds apply to the {args.sign_scale} gradient)", file=sys.stderr)
     n = len(inputs)
     if args.grad_maps:
-        save_image(torch.cat([inputs] + maps).cpu(), args.grad_maps, nrow=n, padding=2)
+        common.save_picture(torch.cat([inputs] + maps).cpu(), args.grad_maps, nrow=n, padding=2)
         print(f"wrote {args.grad_maps}", file=sys.stderr)
     if args.grad_signs:
         k = len(args.sign_thresholds)
         rows = [torch.cat([inputs] * k)] + signs
-        save_image(torch.cat(rows).cpu(), args.grad_signs, nrow=n * k, padding=2)
+        common.save_picture(torch.cat(rows).cpu(), args.grad_signs, nrow=n * k, padding=2)
         print(f"wrote {args.grad_signs} (thresholds {args.sign_thresholds}, left to right)", file=sys.stderr)
 
 
@@ -586,7 +589,6 @@ def corrupted_span_table(model, ckpt, path, test, eps, args, device):
 
 def span_picture(paths, args, device):
     """--span-picture: per checkpoint, rows of images, masks and corrupted images."""
-    from torchvision.utils import save_image
     standard = common.model_from_checkpoint(common.load_checkpoint(args.corrupt_span), device,
                                             args.corrupt_span).eval()
     rows = []
@@ -595,7 +597,7 @@ def span_picture(paths, args, device):
         with torch.no_grad():
             mask = standard_only_span(standard, model, x, y, args.asc_threshold, args.span_reading)
         rows += [rgb(x), rgb(mask), rgb(x * mask)]
-    save_image(torch.cat(rows).cpu(), args.span_picture, nrow=len(rows[0]), padding=2)
+    common.save_picture(torch.cat(rows).cpu(), args.span_picture, nrow=len(rows[0]), padding=2)
     print(f"wrote {args.span_picture}", file=sys.stderr)
 
 
@@ -667,7 +669,6 @@ def cam_overlay(x, cam, weight=0.5):
 
 
 def cam_picture(paths, args, device):
-    from torchvision.utils import save_image
     rows = []
     for path in paths:
         model, x, y = picture_inputs(path, args, device)
@@ -679,7 +680,7 @@ def cam_picture(paths, args, device):
         if not rows:
             rows.append(rgb(x))
         rows.append(cam_overlay(x, up[:, 0]) if args.cam_style == 'overlay' else rgb(up))
-    save_image(torch.cat(rows).cpu(), args.cam, nrow=len(rows[0]), padding=2)
+    common.save_picture(torch.cat(rows).cpu(), args.cam, nrow=len(rows[0]), padding=2)
     print(f"wrote {args.cam}", file=sys.stderr)
 
 
@@ -804,7 +805,6 @@ def autoattack_table(rows):
 def attention_maps_png(paths, args, device, filename):
     """AT-att-id Fig. 3: per checkpoint, a row of input images and a row per attention layer
     (blocks 3 and 4), each map upsampled to the image size and scaled to [0, 1]."""
-    from torchvision.utils import save_image
     rows = []
     for path in paths:
         model, x, _ = picture_inputs(path, args, device)
@@ -823,7 +823,7 @@ def attention_maps_png(paths, args, device, filename):
     if not rows:
         raise common.UserError(f"--attention-maps: none of the checkpoints has an attention module "
                                f"(train one with train_att_id.py --mode att or att-id)")
-    save_image(torch.cat(rows).cpu(), filename, nrow=len(rows[0]), padding=2)
+    common.save_picture(torch.cat(rows).cpu(), filename, nrow=len(rows[0]), padding=2)
     return filename
 
 
@@ -894,17 +894,17 @@ def main(argv=None):
         for r in rows:
             print(f"| {r['ckpt']} | {r['compactness']:.4f} |")
         if args.compactness:
-            from torchvision.utils import save_image
             pics = [feature_picture(*r['_features']).float() / 255 for r in rows]
-            save_image(torch.stack(pics), args.compactness, nrow=len(pics), padding=4, pad_value=0.5)
+            common.save_picture(torch.stack(pics), args.compactness, nrow=len(pics), padding=4, pad_value=0.5)
             print(f"wrote {args.compactness}", file=sys.stderr)
     for r in rows:
         r.pop('_features', None)
     if args.attention_maps:
         print(f"wrote {attention_maps_png(args.ckpt, args, device, args.attention_maps)}", file=sys.stderr)
     if args.json:
-        with open(args.json, 'w') as f:
-            json.dump({'rows': rows, 'test_size': args.test_size, 'seed': args.seed}, f, indent=1)
+        common.write_text(args.json, json.dumps({'rows': rows, 'test_size': args.test_size,
+                                                 'seed': args.seed}, indent=1),
+                          hint='free some space and run eval.py again')
         print(f"wrote {args.json}", file=sys.stderr)
 
 

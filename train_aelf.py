@@ -52,8 +52,7 @@ def parse_args(argv=None):
 
     def resolve(args):
         args = common.finish_args(parser, args, common.aelf_protocol(args.dataset, args.model))
-        if args.lam < 0:
-            parser.error('--lam must be >= 0')
+        common.check_ranges(parser, args, {'lam': '[0, 1000]'})
         return args
     common.protocol_help(parser, resolve)
     return resolve(parser.parse_args(argv))
@@ -152,7 +151,7 @@ def main(argv=None):
         run.log_epoch(record, args.epochs)
         run.save(model, epoch + 1, {'c': opt_c.state_dict(), 'w': opt_w.state_dict()}, metrics,
                  score=metrics.get('val_adv'), finished=final)
-    if run.start_epoch < args.epochs:
+    if run.start_epoch < args.epochs or not run.tested:      # final.json not yet written
         run.finish(model, test_set, attack, args.amp)
     else:
         print(f"{run.dir} already holds all {args.epochs} epochs; nothing to do")

@@ -151,8 +151,9 @@ def parse_args(argv=None):
             args.beta = DEFAULT_BETA.get(args.model, DEFAULT_BETA['cnn_b'])
         if args.beta_adv is None:
             args.beta_adv = args.beta
-        if args.st_epochs <= 0:
-            parser.error('--st-epochs must be positive')
+        common.check_ranges(parser, args, {
+            'lambda1': '[0, 1000]', 'lambda2': '[0, 1000]', 'beta': '[0, 1000]', 'beta_adv': '[0, 1000]',
+            'st_epochs': '[1, 100000]', 'st_milestones': '[1, 100000]'})
         return args
     common.protocol_help(parser, resolve)
     return resolve(parser.parse_args(argv))
@@ -301,7 +302,7 @@ def main(argv=None):
                  finished=final, init=args.init or st_path)
     if not all(torch.equal(v, model.fc.state_dict()[k]) for k, v in w_start.items()):
         raise RuntimeError('w (fc) changed during AELFs: it must stay frozen')   # never expected
-    if run.start_epoch < args.epochs:
+    if run.start_epoch < args.epochs or not run.tested:      # final.json not yet written
         run.finish(model, test_set, attack, args.amp)
     else:
         print(f"{run.dir} already holds all {args.epochs} epochs; nothing to do")

@@ -42,7 +42,9 @@ Method side, top to bottom (supplement Algorithm 1):
   6); its natural pass uses the same ASE weighting as the adversarial one, without HFF.
   ``--awp-gamma G`` adds adversarial weight perturbation (Wu et al. 2020, gamma 5e-3): a proxy
   copy takes one ascent step on the step's loss, the layer-wise scaled difference is added to
-  the weights for the update and removed after it (``--awp-warmup`` epochs without it, 10).
+  the weights for the update and removed after it, from epoch ``--awp-warmup`` on (10), with
+  epochs counted from 1 as in the AWP and AGAIN reference code (``epoch >= awp_warmup`` there):
+  epochs 1-9 go without AWP.
 - Ablations: ``--no-ase``, ``--no-hff`` (Table 6), ``--ase-layer`` (Table 5), ``--alpha``.
 
     python train_again.py --dataset cifar10           # AGAIN-PGD-AT, Table 2
@@ -80,7 +82,9 @@ def parse_args(argv=None):
     g.add_argument('--base', choices=['at', 'mart'], default='at', help='AGAIN-PGD-AT or AGAIN-MART')
     g.add_argument('--mart-lambda', type=float, default=6.0, help="MART's KL weight")
     g.add_argument('--awp-gamma', type=float, default=0.0, help='AGAIN-AWP: AWP gamma (5e-3); 0 = off')
-    g.add_argument('--awp-warmup', type=int, default=10, help='epochs before AWP starts')
+    g.add_argument('--awp-warmup', type=int, default=10,
+                   help='first epoch with AWP, counted from 1 as the reference code does (10: epochs '
+                        '1-9 without AWP; 0 or 1: AWP from the start)')
 
     def resolve(args):
         args = common.finish_args(parser, args, protocol(args.dataset, args.model))
@@ -88,8 +92,8 @@ def parse_args(argv=None):
             parser.error('AGAIN here supports --model resnet18, cnn_b, wrn or vgg16')
         if args.ase_layer is None:       # the stage before global pooling
             args.ase_layer = {'resnet18': 4, 'cnn_b': 5, 'wrn': 3, 'vgg16': 5}[args.model]
-        if not 0.0 <= args.alpha <= 1.0:
-            parser.error('--alpha must be in [0, 1]')
+        common.check_ranges(parser, args, {'alpha': '[0, 1]', 'ase_layer': '[1, 5]', 'mart_lambda': '[0, 1000]',
+                                           'awp_gamma': '[0, 1]', 'awp_warmup': '[0, 100000]'})
         return args
     common.protocol_help(parser, resolve)
     return resolve(parser.parse_args(argv))
@@ -260,7 +264,7 @@ def main(argv=None):
             with common.autocast(device, args.amp):
                 x_adv = attack(model, x, y)                          # line 4 (eval mode inside)
                 diff = None
-                if proxy is not None and epoch >= args.awp_warmup:
+                if proxy is not None and epoch + 1 >= args.awp_warmup:   # epochs counted from 1
                     diff = awp_perturbation(model, proxy, x, x_adv, y, args, again, args.awp_gamma)
                     add_to_weights(model, diff, +1.0)                # perturb
                 loss, logits = step_loss(model, x, x_adv, y, args, again)   # lines 5-8, Eq. (7)
@@ -289,7 +293,7 @@ def main(argv=None):
         run.log_epoch(record, args.epochs)
         run.save(model, epoch + 1, optimizer.state_dict(), metrics, score=metrics.get('val_adv'),
                  finished=final)
-    if run.start_epoch < args.epochs:
+    if run.start_epoch < args.epochs or not run.tested:      # final.json not yet written
         run.finish(model, test_set, attack, args.amp)
     else:
         print(f"{run.dir} already holds all {args.epochs} epochs; nothing to do")

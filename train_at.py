@@ -115,7 +115,7 @@ def main(argv=None):
         run.log_epoch(record, args.epochs)
         run.save(model, epoch + 1, optimizer.state_dict(), metrics, finished=final,
                  score=metrics.get('val_nat' if args.standard else 'val_adv'))
-    if run.start_epoch < args.epochs:
+    if run.start_epoch < args.epochs or not run.tested:      # final.json not yet written
         run.finish(model, test_set, attack, args.amp)
     else:
         print(f"{run.dir} already holds all {args.epochs} epochs; nothing to do")

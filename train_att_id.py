@@ -90,8 +90,7 @@ def parse_args(argv=None):
         args = common.finish_args(parser, args, p)
         if args.mode in ('att', 'att-id') and args.model != 'att_resnet':
             parser.error(f'--mode {args.mode} needs --model att_resnet')
-        if args.lam < 0:
-            parser.error('--lam must be >= 0')
+        common.check_ranges(parser, args, {'lam': '[0, 1000]'})
         return args
     common.protocol_help(parser, resolve, {'mnist': [], 'cifar10': ['--dataset', 'cifar10'],
                                            'cifar10 attention': ['--dataset', 'cifar10', '--mode', 'att-id']})
@@ -171,7 +170,7 @@ def main(argv=None):
         run.log_epoch(record, args.epochs)
         run.save(model, epoch + 1, optimizer.state_dict(), metrics, score=metrics.get('val_adv'),
                  finished=final)
-    if run.start_epoch < args.epochs:
+    if run.start_epoch < args.epochs or not run.tested:      # final.json not yet written
         run.finish(model, test_set, attack, args.amp)
     else:
         print(f"{run.dir} already holds all {args.epochs} epochs; nothing to do")

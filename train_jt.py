@@ -57,6 +57,7 @@ def parse_args(argv=None):
         args = common.finish_args(parser, args, common.aelf_protocol(args.dataset, args.model))
         if args.beta is None:
             args.beta = JTSTAR_BETA.get(args.model, JTSTAR_BETA['cnn_b']) if args.init else 0.0
+        common.check_ranges(parser, args, {'lambda1': '[0, 1000]', 'lambda2': '[0, 1000]', 'beta': '[0, 1000]'})
         return args
     common.protocol_help(parser, resolve)
     return resolve(parser.parse_args(argv))
@@ -170,7 +171,7 @@ def main(argv=None):
         run.log_epoch(record, args.epochs)
         run.save(model, epoch + 1, optimizer.state_dict(), metrics, score=metrics.get('val_adv'),
                  finished=final, init=args.init)
-    if run.start_epoch < args.epochs:
+    if run.start_epoch < args.epochs or not run.tested:      # final.json not yet written
         run.finish(model, test_set, attack, args.amp)
     else:
         print(f"{run.dir} already holds all {args.epochs} epochs; nothing to do")

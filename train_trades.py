@@ -47,6 +47,7 @@ def parse_args(argv=None):
         args = common.finish_args(parser, args, common.aelf_protocol(args.dataset, args.model))
         if args.beta is None:
             args.beta = 1.0 if args.dataset == 'mnist' else 6.0
+        common.check_ranges(parser, args, {'beta': '[0, 1000]', 'init_noise': '[0, 1]'})
         return args
     common.protocol_help(parser, resolve)
     return resolve(parser.parse_args(argv))
@@ -139,7 +140,7 @@ def main(argv=None):
         run.log_epoch(record, args.epochs)
         run.save(model, epoch + 1, optimizer.state_dict(), metrics, score=metrics.get('val_adv'),
                  finished=final)
-    if run.start_epoch < args.epochs:
+    if run.start_epoch < args.epochs or not run.tested:      # final.json not yet written
         run.finish(model, test_set, test_attack, args.amp)
     else:
         print(f"{run.dir} already holds all {args.epochs} epochs; nothing to do")

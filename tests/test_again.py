@@ -308,3 +308,17 @@ def test_bpda_surrogate_keeps_the_forward_and_lets_the_gradient_through_the_argm
         raise AssertionError('an unknown inference mode was accepted')
     except ValueError as e:
         assert 'surrogate' in str(e)
+
+
+def test_awp_warmup_counts_epochs_from_1_like_the_reference_code(data_dir, tmp_path, monkeypatch):
+    # the AWP/AGAIN reference loops `for epoch in range(1, epochs + 1): if epoch >= awp_warmup`:
+    # --awp-warmup 2 leaves epoch 1 without AWP and perturbs every step of epoch 2
+    import train_again
+    calls, real = [], train_again.awp_perturbation
+    monkeypatch.setattr(train_again, 'awp_perturbation',
+                        lambda *a, **k: (calls.append(len(read_log(tmp_path / 'r')) + 1
+                                                      if (tmp_path / 'r' / 'log.jsonl').exists() else 1),
+                                         real(*a, **k))[1])
+    run_ok('train_again.py', '--data-dir', data_dir, '--out', tmp_path / 'r', *QUICK, '--epochs', '2',
+           '--awp-gamma', '0.005', '--awp-warmup', '2')
+    assert calls and set(calls) == {2} and len(calls) == 2, calls        # 64 images: 2 steps of 32
