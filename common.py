@@ -534,6 +534,9 @@ def add_common_args(parser):
     g.add_argument('--eps', type=float, help='l-inf radius')
     g.add_argument('--steps', type=int, help='PGD steps')
     g.add_argument('--step-size', type=float, help='PGD step size')
+    g.add_argument('--eps-warmup', type=int, metavar='E',
+                   help='training attack: eps and step size scaled by epoch/E over the first E epochs '
+                        '(epochs counted from 1; 0: the full eps from the start)')
     g.add_argument('--random-start', action=argparse.BooleanOptionalAction, default=None,
                    help='start PGD at a uniform random point of the ball')
     g = parser.add_argument_group('run')
@@ -571,6 +574,7 @@ RANGES = {
     'epochs': '[1, 100000]', 'lr': '(0, 10]', 'milestones': '[1, 100000]',
     'batch_size': '[1, 100000]', 'momentum': '[0, 1)', 'weight_decay': '[0, 1)',
     'eps': '[0, 1]', 'steps': '[0, 10000]', 'step_size': '[0, 1]', 'seed': '[0, 4294967295]',
+    'eps_warmup': '[0, 100000]',
 }
 
 
@@ -604,6 +608,8 @@ def finish_args(parser, args, protocol):
             setattr(args, key, value)
     if args.width is None:
         args.width = 1.0
+    if args.eps_warmup is None:
+        args.eps_warmup = 0
     if args.act is None:
         args.act = 'leakyrelu' if args.model == 'cnn_b' else 'relu'
     if args.depth is None:
@@ -687,7 +693,15 @@ def data_summary(train, val, test):
 
 
 def attack_summary(args):
-    return f"PGD({args.eps:g}, {args.steps}, {args.step_size:g}{', rand' if args.random_start else ''})"
+    warmup = f" (eps warm-up over {args.eps_warmup} epochs)" if getattr(args, 'eps_warmup', 0) else ''
+    return f"PGD({args.eps:g}, {args.steps}, {args.step_size:g}{', rand' if args.random_start else ''}){warmup}"
+
+
+def eps_scale(epoch, warmup):
+    """The eps warm-up (--eps-warmup E): the factor on the training attack's eps and step size in
+    epoch ``epoch`` (counted from 0): (epoch + 1) / E for the first E epochs, then 1. Validation
+    and test attacks always take the full eps."""
+    return 1.0 if warmup <= 0 else min(1.0, (epoch + 1) / warmup)
 
 
 # ----------------------------------------------------------------------------------- writes

@@ -107,8 +107,8 @@ def main(argv=None):
         opt_w.load_state_dict(state['w'])
     run.resume(model, load_optimizers)
 
-    def attack(m, x, y):
-        return pgd(m, x, y, args.eps, args.steps, args.step_size, args.random_start)
+    def attack(m, x, y, scale=1.0):   # scale < 1: the eps warm-up (--eps-warmup), training only
+        return pgd(m, x, y, scale * args.eps, args.steps, scale * args.step_size, args.random_start)
 
     print(f"AELF on {args.dataset} ({common.data_summary(train_set, val_set, test_set)}), "
           f"{common.describe(model.arch_name, model.arch_kwargs)}, {common.attack_summary(args)}, "
@@ -120,6 +120,7 @@ def main(argv=None):
         lr = common.lr_at(epoch, args.lr, args.milestones)
         common.set_lr(opt_c, lr)
         common.set_lr(opt_w, lr)
+        scale = common.eps_scale(epoch, args.eps_warmup)   # 1 unless --eps-warmup
         model.train()
         progress = common.Progress(steps_per_epoch)
         loss_sum, dist_sum, n_correct, seen = 0.0, 0.0, 0, 0
@@ -128,7 +129,7 @@ def main(argv=None):
                                                      padding=args.padding,
                                                      channels_last=channels_last)):
             with common.autocast(device, args.amp):
-                x_adv = attack(model, x, y)                    # line 3 (eval mode inside)
+                x_adv = attack(model, x, y, scale)             # line 3 (eval mode inside)
             loss1, loss2, logits = aelf_step(model, opt_c, opt_w, x, x_adv, y, args.lam,
                                              args.distance, device, args.amp)   # lines 4-9
             loss_value = loss1.item() + args.lam * loss2.item()

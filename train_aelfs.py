@@ -216,8 +216,8 @@ def main(argv=None):
     train_set, val_set, test_set = common.load_data(args, device)
     channels_last = common.use_channels_last(device)
 
-    def attack(m, x, y):
-        return pgd(m, x, y, args.eps, args.steps, args.step_size, args.random_start)
+    def attack(m, x, y, scale=1.0):   # scale < 1: the eps warm-up (--eps-warmup), training only
+        return pgd(m, x, y, scale * args.eps, args.steps, scale * args.step_size, args.random_start)
 
     # Alg. 2, line 1: c and w from standard training (skipped when resuming AELFs itself)
     if run.resume_ckpt is None and not args.init:
@@ -255,6 +255,7 @@ def main(argv=None):
         common.seed_epoch(args.seed, epoch)
         lr = common.lr_at(epoch, args.lr, args.milestones)
         common.set_lr(optimizer, lr)
+        scale = common.eps_scale(epoch, args.eps_warmup)   # 1 unless --eps-warmup
         model.train()
         progress = common.Progress(steps_per_epoch)
         loss_sum, n_correct, n_predicted, seen = 0.0, 0, 0, 0
@@ -269,7 +270,7 @@ def main(argv=None):
                     x_nat, y_nat, x_src, y_adv = x[:half], y[:half], x[half:], y[half:]
                 else:
                     x_nat, y_nat, x_src, y_adv = x, y, x, y
-                x_adv = attack(model, x_src, y_adv)          # eval mode while attacking
+                x_adv = attack(model, x_src, y_adv, scale)   # eval mode while attacking
                 # Alg. 2, lines 5-6 and Eq. (10)
                 loss, logits, f, f_adv = aelfs_loss(model, x_nat, x_adv, y_nat, y_adv,
                                                     args.lambda1, args.lambda2, args.beta,

@@ -236,8 +236,8 @@ def main(argv=None):
             loss = loss + F.cross_entropy(ase_logits.float(), y, reduction='sum')
         return loss
 
-    def attack(m, x, y):
-        return pgd(m, x, y, args.eps, args.steps, args.step_size, args.random_start,
+    def attack(m, x, y, scale=1.0):   # scale < 1: the eps warm-up (--eps-warmup), training only
+        return pgd(m, x, y, scale * args.eps, args.steps, scale * args.step_size, args.random_start,
                    loss=train_attack_loss)
 
     print(f"AGAIN ({args.base}{', AWP ' + str(args.awp_gamma) if args.awp_gamma else ''}) on "
@@ -252,6 +252,7 @@ def main(argv=None):
         common.seed_epoch(args.seed, epoch)
         lr = common.lr_at(epoch, args.lr, args.milestones)
         common.set_lr(optimizer, lr)
+        scale = common.eps_scale(epoch, args.eps_warmup)   # 1 unless --eps-warmup
         model.train()
         progress = common.Progress(steps_per_epoch)
         loss_sum, n_correct, seen, n_again = 0.0, 0, 0, 0
@@ -262,7 +263,7 @@ def main(argv=None):
             i = epoch * steps_per_epoch + step
             again = use_again(i, total_iterations)                   # Algorithm 1, lines 2-3
             with common.autocast(device, args.amp):
-                x_adv = attack(model, x, y)                          # line 4 (eval mode inside)
+                x_adv = attack(model, x, y, scale)                   # line 4 (eval mode inside)
                 diff = None
                 if proxy is not None and epoch + 1 >= args.awp_warmup:   # epochs counted from 1
                     diff = awp_perturbation(model, proxy, x, x_adv, y, args, again, args.awp_gamma)

@@ -71,8 +71,9 @@ def main(argv=None):
                                 weight_decay=args.weight_decay)
     run.resume(model, optimizer.load_state_dict)
 
-    def attack(m, x, y):  # the training PGD, also used for the per-epoch test
-        return pgd(m, x, y, args.eps, args.steps, args.step_size, args.random_start)
+    def attack(m, x, y, scale=1.0):  # the training PGD, also the per-epoch test's (scale 1);
+        # scale < 1: the eps warm-up (--eps-warmup), training only
+        return pgd(m, x, y, scale * args.eps, args.steps, scale * args.step_size, args.random_start)
 
     print(f"{'ST' if args.standard else 'AT'} on {args.dataset} ({common.data_summary(train_set, val_set, test_set)}), "
           f"{common.describe(model.arch_name, model.arch_kwargs)}, "
@@ -84,6 +85,7 @@ def main(argv=None):
         common.seed_epoch(args.seed, epoch)
         lr = common.lr_at(epoch, args.lr, args.milestones)
         common.set_lr(optimizer, lr)
+        scale = common.eps_scale(epoch, args.eps_warmup)   # 1 unless --eps-warmup
         model.train()
         progress = common.Progress(steps_per_epoch)
         loss_sum, n_correct, seen = 0.0, 0, 0
@@ -92,7 +94,8 @@ def main(argv=None):
                                                      padding=args.padding,
                                                      channels_last=channels_last)):
             with common.autocast(device, args.amp):
-                loss, logits = at_loss(model, x, y, attack, args.standard)    # Eq. (3) / Eq. (1)
+                loss, logits = at_loss(model, x, y, lambda m, a, b: attack(m, a, b, scale),
+                                       args.standard)                         # Eq. (3) / Eq. (1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -124,8 +124,8 @@ def main(argv=None):
                                     weight_decay=args.weight_decay)
     run.resume(model, optimizer.load_state_dict)
 
-    def attack(m, x, y):   # Eq. (2), Madry et al.'s PGD
-        return pgd(m, x, y, args.eps, args.steps, args.step_size, args.random_start)
+    def attack(m, x, y, scale=1.0):   # Eq. (2), Madry et al.'s PGD (scale < 1: --eps-warmup)
+        return pgd(m, x, y, scale * args.eps, args.steps, scale * args.step_size, args.random_start)
 
     name = 'AT (Madry et al.: AT-id with lambda 0)' if args.mode == 'id' and args.lam == 0 else f'AT-{args.mode}'
     print(f"{name} on {args.dataset} ({common.data_summary(train_set, val_set, test_set)}), "
@@ -138,6 +138,7 @@ def main(argv=None):
         common.seed_epoch(args.seed, epoch)
         lr = common.lr_at(epoch, args.lr, args.milestones)
         common.set_lr(optimizer, lr)
+        scale = common.eps_scale(epoch, args.eps_warmup)   # 1 unless --eps-warmup
         model.train()
         progress = common.Progress(steps_per_epoch)
         loss_sum, n_correct, seen = 0.0, 0, 0
@@ -146,7 +147,7 @@ def main(argv=None):
                                                      padding=args.padding,
                                                      channels_last=channels_last)):
             with common.autocast(device, args.amp):
-                x_adv = attack(model, x, y)                     # eval mode inside
+                x_adv = attack(model, x, y, scale)              # eval mode inside
                 loss, logits = att_id_loss(model, x, x_adv, y, args.lam)   # Eq. (7)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

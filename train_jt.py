@@ -111,8 +111,8 @@ def main(argv=None):
                                 weight_decay=args.weight_decay)   # every parameter, w included
     run.resume(model, optimizer.load_state_dict)
 
-    def attack(m, x, y):
-        return pgd(m, x, y, args.eps, args.steps, args.step_size, args.random_start)
+    def attack(m, x, y, scale=1.0):   # scale < 1: the eps warm-up (--eps-warmup), training only
+        return pgd(m, x, y, scale * args.eps, args.steps, scale * args.step_size, args.random_start)
 
     beta_text = {'l2': f"beta {args.beta:g} on ||f||_2 (paper, cnn_b: 0.5)",
                  'rms': f"beta {args.beta:g} on ||f||_2 / sqrt(D) = {args.beta / model.fc.in_features ** 0.5:.3g} "
@@ -133,6 +133,7 @@ def main(argv=None):
         common.seed_epoch(args.seed, epoch)
         lr = common.lr_at(epoch, args.lr, args.milestones)
         common.set_lr(optimizer, lr)
+        scale = common.eps_scale(epoch, args.eps_warmup)   # 1 unless --eps-warmup
         model.train()
         progress = common.Progress(steps_per_epoch)
         loss_sum, n_correct, n_predicted, seen = 0.0, 0, 0, 0
@@ -141,7 +142,8 @@ def main(argv=None):
                                                      padding=args.padding,
                                                      channels_last=channels_last)):
             with common.autocast(device, args.amp):
-                x_nat, y_nat, x_adv, y_adv = jt_batch(model, x, y, args.split, attack)
+                x_nat, y_nat, x_adv, y_adv = jt_batch(model, x, y, args.split,
+                                                      lambda m, a, b: attack(m, a, b, scale))
                 loss, logits, f_all = jt_loss(model, x_nat, x_adv, y_nat, y_adv, args.lambda1,
                                               args.lambda2, args.beta, args.feature_norm)  # Eq. (4)
             optimizer.zero_grad(set_to_none=True)

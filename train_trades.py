@@ -107,6 +107,7 @@ def main(argv=None):
         common.seed_epoch(args.seed, epoch)
         lr = common.lr_at(epoch, args.lr, args.milestones)
         common.set_lr(optimizer, lr)
+        scale = common.eps_scale(epoch, args.eps_warmup)   # 1 unless --eps-warmup
         model.train()
         progress = common.Progress(steps_per_epoch)
         loss_sum, n_correct, seen = 0.0, 0, 0
@@ -115,7 +116,7 @@ def main(argv=None):
                                                      padding=args.padding,
                                                      channels_last=channels_last)):
             with common.autocast(device, args.amp):
-                x_adv = trades_attack(model, x, y, args.eps, args.steps, args.step_size,
+                x_adv = trades_attack(model, x, y, scale * args.eps, args.steps, scale * args.step_size,
                                       args.init_noise)               # inner max of Eq. (5)
                 loss, logits = trades_loss(model, x, x_adv, y, args.beta)   # Eq. (5)
             optimizer.zero_grad(set_to_none=True)

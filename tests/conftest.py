@@ -18,8 +18,24 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-REAL_DATA = ROOT.parent / 'shared' / 'data'
-HAS_REAL_MNIST = (REAL_DATA / 'MNIST' / 'raw' / 'train-images-idx3-ubyte').is_file()
+# Where the learning tests look for real MNIST (torchvision's MNIST/raw/ layout, as a first run
+# of any script leaves it): the scripts' --data-dir default ./data, then $ADV_MNIST_DIR, then
+# ../shared/data beside the repository. The first that holds it is used; none: they skip.
+MNIST_PLACES = [ROOT / 'data', *([Path(os.environ['ADV_MNIST_DIR'])] if os.environ.get('ADV_MNIST_DIR') else []),
+                ROOT.parent / 'shared' / 'data']
+
+
+def _has_mnist(root):
+    raw = root / 'MNIST' / 'raw'
+    return all((raw / f).is_file() or (raw / (f + '.gz')).is_file()
+               for f in ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte',
+                         't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte'))
+
+
+REAL_DATA = next((p for p in MNIST_PLACES if _has_mnist(p)), MNIST_PLACES[-1])
+HAS_REAL_MNIST = _has_mnist(REAL_DATA)
+NO_MNIST = ('real MNIST not found in ' + ', '.join(map(str, MNIST_PLACES)) +
+            ' (run any script once with --data-dir ./data, or set ADV_MNIST_DIR)')
 sys.path.insert(0, str(ROOT))
 
 THREADS = os.environ.get('OMP_NUM_THREADS', '2')
@@ -181,7 +197,7 @@ def quick_runs(data_dir, tmp_path_factory):
     return out
 
 
-needs_real_mnist = pytest.mark.skipif(not HAS_REAL_MNIST, reason='real MNIST not in ../shared/data')
+needs_real_mnist = pytest.mark.skipif(not HAS_REAL_MNIST, reason=NO_MNIST)
 
 
 @pytest.fixture(scope='session')
@@ -189,7 +205,7 @@ def real_st_run(tmp_path_factory):
     """ST on the real-MNIST protocol (REAL_ST), trained once per test run: the baseline every
     learning test compares with, and the init of AELFs."""
     if not HAS_REAL_MNIST:
-        pytest.skip('real MNIST not in ../shared/data')
+        pytest.skip(NO_MNIST)
     out = tmp_path_factory.mktemp('real') / 'st'
     run_ok('train_at.py', '--out', out, *REAL_ST)
     return out

@@ -358,3 +358,22 @@ def test_quick_is_the_results_table_protocol_and_every_flag_overrides_it(data_di
                   '--epochs', '1', '--val-size', '16', '--test-size', '16', '--steps', '1', '--device', 'cpu')
     assert "--quick: a small MNIST protocol" in proc.stdout and "not the paper's" in proc.stdout
     assert common.load_checkpoint(str(tmp_path / 'q' / 'last.pt'))['model_kwargs']['width'] == 0.25
+
+
+def test_eps_warmup_scales_the_training_attack_only(data_dir, tmp_path, monkeypatch):
+    # --eps-warmup 2: epoch 1 trains against eps/2 (and step/2), epoch 2 against eps; the
+    # validation attack takes the full eps from the first epoch on
+    import train_at
+    calls, real = [], train_at.pgd
+    monkeypatch.setattr(train_at, 'pgd', lambda m, x, y, eps, steps, step, *a, **k:
+                        (calls.append((round(eps, 6), round(step, 6), m.training)), real(m, x, y, eps, steps, step, *a, **k))[1])
+    proc = run_ok('train_at.py', '--data-dir', data_dir, '--out', tmp_path / 'r', *QUICK, '--epochs', '2',
+                  '--eps', '0.3', '--step-size', '0.1', '--eps-warmup', '2')
+    assert 'eps warm-up over 2 epochs' in proc.stdout
+    per_batch = 64 // 32
+    train1, val1 = calls[:per_batch], calls[per_batch:per_batch + 1]
+    train2 = calls[per_batch + 1:2 * per_batch + 1]
+    assert {c[:2] for c in train1} == {(0.15, 0.05)} and all(c[2] for c in train1), calls
+    assert val1[0][:2] == (0.3, 0.1) and not val1[0][2], calls       # validation: full eps, eval mode
+    assert {c[:2] for c in train2} == {(0.3, 0.1)}, calls
+    assert common.eps_scale(0, 0) == 1.0 and [common.eps_scale(e, 3) for e in range(4)] == [1 / 3, 2 / 3, 1.0, 1.0]
