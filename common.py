@@ -355,6 +355,26 @@ def accuracy(model, split, attack=None, batch_size=500, amp=False):
     return 100.0 * c.sum().item() / len(c) if len(c) else float('nan')
 
 
+def validation_metrics(model, val_set, attack, args):
+    """The per-epoch validation numbers: natural accuracy (val_nat), accuracy under the script's
+    PGD ``attack`` (val_adv), and the per-image worst case of that PGD and of a PGD on the CW
+    margin from a random start with the same eps, steps and step size (val_worst), which chooses
+    best.pt. A model that masks its gradients (a saturated softmax gives the cross-entropy no
+    gradient, a training attack's fixed start no direction) keeps a high val_adv that val_worst
+    does not give it: the margin has a gradient where the softmax is flat, and the random start
+    leaves the point where the gradient was trained away (tests/test_common.py builds such a
+    model by hand)."""
+    from attacks import pgd
+
+    def cw_random_start(m, x, y):
+        return pgd(m, x, y, args.eps, args.steps, args.step_size, random_start=True, loss='cw')
+    by_pgd = correct(model, val_set, attack, amp=args.amp)
+    by_cw = correct(model, val_set, cw_random_start, amp=args.amp)
+    return {'val_nat': accuracy(model, val_set, amp=args.amp),
+            'val_adv': 100.0 * by_pgd.sum().item() / len(by_pgd),
+            'val_worst': 100.0 * (by_pgd & by_cw).sum().item() / len(by_pgd)}
+
+
 # ----------------------------------------------------------- the embedding-collapse guard
 
 class CollapseWatch:
@@ -989,6 +1009,8 @@ class Run:
             parts.append(f"val nat {record['val_nat']:.2f}%")
         if record.get('val_adv') is not None:
             parts.append(f"adv {record['val_adv']:.2f}%")
+        if record.get('val_worst') is not None:
+            parts.append(f"worst {record['val_worst']:.2f}%")
         if record.get('f_norm') is not None:
             parts.append(f"||f|| {record['f_norm']:.3g} ||f'|| {record['f_adv_norm']:.3g}")
         parts += [f"{record['seconds']:.1f}s", f"{record['images_per_s']:.0f} img/s",

@@ -285,14 +285,13 @@ def main(argv=None):
 
         final = epoch + 1 == args.epochs
         metrics = {}          # the validation split, never the test split, chooses best.pt
-        if len(val_set):
-            metrics = {'val_nat': common.accuracy(model, val_set, amp=args.amp),
-                       'val_adv': common.accuracy(model, val_set, attack, amp=args.amp)}
+        if len(val_set):      # best.pt: the worst case of the PGD and a CW-PGD from a random start
+            metrics = common.validation_metrics(model, val_set, attack, args)
         record = {'epoch': epoch + 1, 'lr': lr, 'train_loss': loss_sum / seen,
                   'train_acc': 100.0 * n_correct / seen, 'again_steps': n_again, **metrics,
                   'val_images': len(val_set), 'seconds': seconds, 'images_per_s': seen / seconds}
         run.log_epoch(record, args.epochs)
-        run.save(model, epoch + 1, optimizer.state_dict(), metrics, score=metrics.get('val_adv'),
+        run.save(model, epoch + 1, optimizer.state_dict(), metrics, score=metrics.get('val_worst'),
                  finished=final)
     if run.start_epoch < args.epochs or not run.tested:      # final.json not yet written
         run.finish(model, test_set, attack, args.amp)

@@ -113,3 +113,59 @@ def test_cpu_models_and_batches_are_channels_last(data_dir):
     split = common.load_split('cifar10', str(data_dir), False, size=8)
     x, _ = next(common.batches(split, 4, channels_last=common.use_channels_last('cpu')))
     assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+class _Template(torch.nn.Module):
+    """A hand-built classifier of the synthetic images (conftest.synthetic_images: a bright square
+    in the class's cell of a 4x4 grid on dim noise): logit c = scale * (mean of cell c + v_c . x).
+    With v = 0 it is robust (the square's margin, about 0.7, exceeds 2 eps). ``blind`` drops one
+    class (its images are always wrong: an honest, imperfect model). With a fragile direction v
+    and a huge scale it is a masked model: the softmax is saturated at every clean image, so the
+    cross-entropy has no gradient there and PGD from x does not move, while an eps-step along
+    sign(v_other - v_y) flips every prediction."""
+    arch_name, arch_kwargs = 'template', {}
+
+    def __init__(self, side, scale=1.0, fragile=0.0, blind=None):
+        super().__init__()
+        cell = side // 4
+        masks = torch.zeros(10, side, side)
+        for c in range(10):
+            r, k = divmod(c, 4)
+            masks[c, r * cell:(r + 1) * cell, k * cell:(k + 1) * cell] = 1.0 / cell ** 2
+        g = torch.Generator().manual_seed(0)
+        self.register_buffer('w', masks.flatten(1) + fragile * torch.randn(10, side * side, generator=g).sign())
+        self.scale, self.blind = scale, blind
+
+    def forward(self, x):
+        logits = self.scale * x.flatten(1) @ self.w.t()
+        if self.blind is not None:
+            logits[:, self.blind] = -1e9
+        return logits
+
+
+def test_best_pt_score_is_not_fooled_by_a_masked_model_where_the_training_pgd_is(tmp_path):
+    from conftest import synthetic_images
+    x, y = synthetic_images(300, 28, 1, 10, seed=5)
+    val = common.make_split(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(y))
+    args = argparse.Namespace(eps=0.3, steps=10, step_size=0.05, amp=False)
+    robust = _Template(28, blind=9)                        # honest: loses class 9, robust on the rest
+    masked = _Template(28, scale=1e4, fragile=0.01)        # saturated softmax, fragile direction
+    from attacks import pgd
+
+    def train_pgd(m, xb, yb):                              # the training PGD: CE, from x
+        return pgd(m, xb, yb, args.eps, args.steps, args.step_size)
+    r = common.validation_metrics(robust, val, train_pgd, args)
+    m = common.validation_metrics(masked, val, train_pgd, args)
+    assert r['val_nat'] == r['val_adv'] == r['val_worst'] == pytest.approx(100 * (y != 9).mean())
+    assert m['val_nat'] == m['val_adv'] == 100.0                # the training PGD is fooled...
+    assert m['val_worst'] <= 5.0, m                             # ...the best.pt score is not
+    # so a run that validates the robust epoch first and the masked one next keeps the robust one
+    run_args = argparse.Namespace(out=str(tmp_path / 'r'), resume=False, overwrite=False, dataset='mnist',
+                                  model='cnn_b', seed=8)
+    run = common.Run(run_args, 'at')
+    model = common.prepare_model(models.build('cnn_b', 10, 1, width=0.125), 'cpu')
+    for epoch, metrics in ((1, r), (2, m)):
+        run.save(model, epoch, {}, metrics, score=metrics['val_worst'])
+    assert common.load_checkpoint(str(tmp_path / 'r' / 'best.pt'))['epoch'] == 1
+    assert m['val_adv'] > r['val_adv']        # the former score, val_adv, would have kept epoch 2
+    run.lock.release()

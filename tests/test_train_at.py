@@ -21,7 +21,7 @@ def test_at_and_st_write_run_folder_and_eval_reads_it(data_dir, tmp_path, quick_
     for out in (out_at, out_st):
         assert {'last.pt', 'best.pt', 'log.jsonl', 'final.json'} <= {p.name for p in out.iterdir()}
         (rec,) = read_log(out)
-        for key in ('epoch', 'lr', 'train_loss', 'train_acc', 'val_nat', 'val_adv', 'seconds',
+        for key in ('epoch', 'lr', 'train_loss', 'train_acc', 'val_nat', 'val_adv', 'val_worst', 'seconds',
                     'images_per_s'):
             assert key in rec
         assert rec['val_images'] == 16 and 'test_nat' not in rec     # epochs see validation only
@@ -244,15 +244,15 @@ def test_validation_split_is_held_out_fixed_and_the_only_split_epochs_read(data_
     # the per-epoch evaluation reads the validation split only; the test split is read after the
     # last epoch, for last.pt and best.pt
     seen = []
-    real_accuracy = common.accuracy
-    monkeypatch.setattr(common, 'accuracy', lambda model, split, *a, **k: (seen.append(len(split)),
-                                                                           real_accuracy(model, split, *a, **k))[1])
+    real_correct = common.correct
+    monkeypatch.setattr(common, 'correct', lambda model, split, *a, **k: (seen.append(len(split)),
+                                                                          real_correct(model, split, *a, **k))[1])
     run_ok('train_at.py', '--data-dir', data_dir, '--out', tmp_path / 'r', *QUICK, '--val-size', '24',
            '--epochs', '3')
-    assert seen[:6] == [24] * 6 and set(seen[6:]) == {32}, seen
+    assert seen[:9] == [24] * 9 and set(seen[9:]) == {32}, seen       # nat, PGD, CW-PGD per epoch
     final = json.loads((tmp_path / 'r' / 'final.json').read_text())
     assert final['last']['epoch'] == 3 and 1 <= final['best']['epoch'] <= 3
-    assert len(seen[6:]) == (2 if final['best']['epoch'] == 3 else 4)
+    assert len(seen[9:]) == (2 if final['best']['epoch'] == 3 else 4)
     assert [r.get('val_adv') is not None for r in read_log(tmp_path / 'r')] == [True] * 3
     # --val-size 0: no validation, no best.pt, last.pt tested
     run_ok('train_at.py', '--data-dir', data_dir, '--out', tmp_path / 'noval', *QUICK, '--val-size', '0')
