@@ -472,6 +472,11 @@ def aelf_protocol(dataset, model=None, standard=False):
     return p
 
 
+def doc_title(doc):
+    """A script's --help description: the first paragraph of its docstring, in one line."""
+    return ' '.join(doc.split('\n\n')[0].split())
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """--help with the value every flag takes: its default, or, for a flag whose default depends
     on the dataset (argparse default None), the values protocol_help wrote into its help."""

@@ -39,7 +39,7 @@ from attacks import pgd
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
+    p = argparse.ArgumentParser(description=common.doc_title(__doc__),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--ckpt', nargs='+', required=True,
                    help='checkpoint files (.pt), or run folders (their best.pt)')

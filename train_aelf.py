@@ -42,7 +42,7 @@ from attacks import pgd
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
+    parser = argparse.ArgumentParser(description=common.doc_title(__doc__),
                                      formatter_class=common.HelpFormatter)
     common.add_common_args(parser)
     g = parser.add_argument_group('AELF (Algorithm 1)')

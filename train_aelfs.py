@@ -24,25 +24,14 @@ Reading of the paper, where it leaves room:
   made adversarial and combined with the natural first half (``--split half``, default);
   ``--split full`` uses the whole batch twice.
 - ||f||_2 (``--feature-norm``): the l2 norm of each embedding, averaged over the batch (``l2``,
-  the default: Eq. (10) as written). The paper's beta 0.5 collapses its own CNN_B under it: from
-  an ST init (D = 512, ||f|| about 12) every embedding shrinks towards 0 within about 30 steps and
-  the frozen w then sees near-uniform logits (25% natural, 3% PGD accuracy after 40 steps). This
-  is not the optimum of the loss (f = 0 is stationary only when lambda1 ||W^T(softmax(b) - e_y)||
-  <= beta, about 1 <= 0.5 here): it is SGD's dynamics, and plain SGD, separate BatchNorm passes
-  and a longer ST init collapse too (README, "Findings"). App. B.2 expects this kind of limit:
-  "In practice, we find that higher embedding dimension usually needs to smaller beta value, to
-  avoid that feature norm ||*||_2 controls entire loss", which only makes sense for a norm that
-  grows with D, the literal one. So the default keeps the paper's term and lowers its value:
-  beta 0.1 on ||f||_2 for cnn_b (the lower end of App. B.2's range [0.1, 0.5]), chosen in a
-  sweep of 0.05-0.5 on the full CNN_B (README, "AELFs' beta on the paper's norm"): after 8
-  epochs it leads 0.2, the best after 2 under AutoAttack, under PGD-20, CW-20 and AutoAttack,
-  as at --quick (width 0.25); AutoAttack finds both mostly masked on the full CNN_B at that
-  length, as it finds AT after 2 epochs from the same init (the short training, not AELFs).
-  WRN keeps the paper's 0.2 (untested here: no CIFAR run fits a CPU). The other readings are
-  flags: ``rms`` (||f||_2 / sqrt(D); beta b on it is b / sqrt(D) on ||f||_2),
-  ``ms`` (||f||_2^2 / D) and ``l2sq`` (||f||_2^2). A run whose embeddings collapse says so in
-  one warning line that names a smaller beta (mean ||f|| and ||f'|| are in every epoch's log).
-  ``--beta-adv`` sets a separate beta for f' ("beta can be separately set", Sec. 3.2).
+  the default: Eq. (10) as written). The paper's beta 0.5 collapses its own CNN_B under it (every
+  embedding shrinks towards 0 within about 30 steps from an ST init; README, "Findings"), the
+  kind of limit App. B.2 warns of ("higher embedding dimension usually needs to smaller beta
+  value"). So the default keeps the paper's term and lowers its value: beta 0.1 on ||f||_2 for
+  cnn_b (the lower end of App. B.2's range [0.1, 0.5]; README, "AELFs' beta on the paper's
+  norm"); WRN keeps the paper's 0.2. Other readings: ``rms`` (||f||_2 / sqrt(D)), ``ms``
+  (||f||_2^2 / D), ``l2sq`` (||f||_2^2). A collapsing run says so in one warning line naming a
+  smaller beta; ``--beta-adv`` sets a separate beta for f' (Sec. 3.2).
 - BatchNorm (``--bn-batch``): x and x' go through c in one forward pass (``mixed``, one set of
   batch statistics for the combined batch, as a single-loss implementation does); ``separate``
   gives each half its own pass.
@@ -112,7 +101,7 @@ def beta_in_paper_units(beta, reading, dim, model):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
+    parser = argparse.ArgumentParser(description=common.doc_title(__doc__),
                                      formatter_class=common.HelpFormatter)
     common.add_common_args(parser)
     g = parser.add_argument_group('AELFs (Eq. (10))')

@@ -33,7 +33,7 @@ from attacks import pgd
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
+    parser = argparse.ArgumentParser(description=common.doc_title(__doc__),
                                      formatter_class=common.HelpFormatter)
     common.add_common_args(parser)
     parser.add_argument('--standard', action='store_true', help='ST: train on clean inputs only')

@@ -67,10 +67,12 @@ def protocol(dataset, mode):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
+    parser = argparse.ArgumentParser(description=common.doc_title(__doc__),
                                      formatter_class=common.HelpFormatter)
     common.add_common_args(parser)
-    parser.add_argument('--mode', choices=['id', 'att', 'att-id'], default='id')
+    parser.add_argument('--mode', choices=['id', 'att', 'att-id'], default='id',
+                        help='id: Eq. (7) on a plain model; att: the attention model (Eq. (3)-(5)), '
+                             'no denoising term; att-id: both (att and att-id need --model att_resnet)')
     parser.add_argument('--lam', type=float, help='lambda of Eq. (7) (see the docstring)')
     parser.add_argument('--optimizer', choices=['adam', 'sgd'],
                         help="Madry et al.'s: adam on MNIST (lr 1e-4), sgd on CIFAR-10 (momentum 0.9)")

@@ -36,7 +36,7 @@ from attacks import pgd
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
+    parser = argparse.ArgumentParser(description=common.doc_title(__doc__),
                                      formatter_class=common.HelpFormatter)
     common.add_common_args(parser)
     parser.add_argument('--beta', type=float, help='weight of the KL term (6 on CIFAR, 1 on MNIST)')

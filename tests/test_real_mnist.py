@@ -1,4 +1,4 @@
-"""Learning tests on the real MNIST files in ../shared/data (skipped when absent).
+"""Learning tests on real MNIST (conftest.MNIST_PLACES: ./data, $ADV_MNIST_DIR, ../shared/data; skipped when absent).
 
 One protocol (conftest.REAL: 2 epochs of 2,500 images, PGD(0.3, 5, 0.1)) and one ST run shared
 by all (conftest.real_st_run, REAL_ST). Each method must end clearly more robust than ST: ST sits
