@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 import models
+from attacks import pgd
 
 
 class UserError(Exception):
@@ -364,8 +365,6 @@ def validation_metrics(model, val_set, attack, args):
     does not give it: the margin has a gradient where the softmax is flat, and the random start
     leaves the point where the gradient was trained away (tests/test_common.py builds such a
     model by hand)."""
-    from attacks import pgd
-
     def cw_random_start(m, x, y):
         return pgd(m, x, y, args.eps, args.steps, args.step_size, random_start=True, loss='cw')
     by_pgd = correct(model, val_set, attack, amp=args.amp)
