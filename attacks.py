@@ -20,6 +20,26 @@ def cw_margin(logits, y):
     return other - true
 
 
+# (start, stop, total) while several processes (torchrun) each hold rows start:stop of a batch
+# of ``total`` images; set by common.batches, None for one process
+BATCH_ROWS = None
+
+
+def noise_like(x, fill):
+    """``fill(torch.empty_like(x))`` (e.g. ``lambda t: t.uniform_(-eps, eps)``). When x is this
+    process's rows of a batch shared by several processes (BATCH_ROWS), the noise is drawn for
+    the whole batch and sliced: every process draws the same numbers, and each image gets the
+    noise it gets in a one-process run."""
+    rows = BATCH_ROWS
+    if rows is None or rows[1] - rows[0] != len(x) or rows[2] == len(x):
+        return fill(torch.empty_like(x))
+    start, stop, total = rows
+    whole = x.new_empty((total, *x.shape[1:]))
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        whole = whole.contiguous(memory_format=torch.channels_last)    # x's memory layout
+    return fill(whole)[start:stop]
+
+
 def _loss_value(model, x_adv, y, loss):
     if callable(loss):
         return loss(model, x_adv, y)
@@ -64,7 +84,7 @@ def pgd(model, x, y, eps, steps, step_size, random_start=False, loss='ce', x_ini
             x_adv = x_init.detach().clone()          # as given: TRADES Alg. 1 takes its first
         else:                                        # gradient at x + 0.001 N(0, I), unclamped
             if random_start:
-                x_adv = x + torch.empty_like(x).uniform_(-eps, eps)
+                x_adv = x + noise_like(x, lambda t: t.uniform_(-eps, eps))
             else:
                 x_adv = x.clone()
             x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)

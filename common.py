@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+import attacks
 import models
 from attacks import pgd
 
@@ -58,6 +59,20 @@ def main_guard(main):
     Either way the folder's lock is released and no temporary file is left."""
     @functools.wraps(main)
     def wrapper(argv=None):
+        # torchrun: the processes other than rank 0 print nothing (the flags, the run folder
+        # and the errors are rank 0's too) but a traceback of their own
+        quiet = os.environ.get('RANK', '0') not in ('', '0')
+        streams = sys.stdout, sys.stderr
+        if quiet:
+            sys.stdout = sys.stderr = open(os.devnull, 'w')
+        try:
+            return guarded(argv)
+        finally:
+            if quiet:
+                sys.stdout.close()
+                sys.stdout, sys.stderr = streams
+
+    def guarded(argv):
         held, runs = len(FolderLock.held), len(Run.active)
         script = os.path.basename(getattr(sys.modules.get(main.__module__), '__file__', None) or 'script.py')
         COMMAND[:] = [script, *map(str, sys.argv[1:] if argv is None else argv)]
@@ -213,21 +228,31 @@ def augment(x, padding):
 def batches(split, batch_size, shuffle=False, padding=None, channels_last=False):
     """Yield (x float in [0, 1], y) mini-batches sliced from a Split on its device.
     ``shuffle`` draws the order from the global RNG (seeded per epoch by ``seed_epoch``);
-    ``padding`` (not None) turns on the CIFAR crop + flip augmentation."""
+    ``padding`` (not None) turns on the CIFAR crop + flip augmentation.
+
+    Under torchrun (several processes, README "Several GPUs") ``batch_size`` is the global
+    batch: every process draws the same order and augmentation for the whole batch, keeps its
+    rows of it (``DIST.bounds``) and records them in ``attacks.BATCH_ROWS``, so that random
+    starts are drawn for the whole batch too (``attacks.noise_like``)."""
     n = len(split)
     order = torch.randperm(n, device=split.y.device) if shuffle else None
     for start in range(0, n, batch_size):
-        if order is None:
-            xb, yb = split.x[start:start + batch_size], split.y[start:start + batch_size]
-        else:
-            idx = order[start:start + batch_size]
-            xb, yb = split.x[idx], split.y[idx]
-        xb = to_float(xb)
+        rows = slice(start, min(start + batch_size, n))
+        idx = rows if order is None else order[rows]
+        total = rows.stop - rows.start
+        lo, hi = DIST.bounds(total)
+        if padding is None and DIST.active:      # no per-image draw: slice before converting
+            idx, lo, hi = (slice(start + lo, start + hi) if order is None else idx[lo:hi]), 0, hi - lo
+        xb, yb = to_float(split.x[idx]), split.y[idx]
         if padding is not None:
             xb = augment(xb, padding)
+        if DIST.active:
+            xb, yb = xb[lo:hi], yb[lo:hi]
+            attacks.BATCH_ROWS = DIST.bounds(total) + (total,)
         if channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
         yield xb, yb
+    attacks.BATCH_ROWS = None
 
 
 # ------------------------------------------------------------------------ device, seed, amp
@@ -238,6 +263,177 @@ def get_device(name):
     if name == 'cuda' and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but CUDA is not available: use --device cpu")
     return torch.device(name)
+
+
+# --------------------------------------------------------- several processes (torchrun, DDP)
+
+class Distributed:
+    """The processes of one run launched by ``torchrun --nproc_per_node N script.py FLAGS``
+    (nanoGPT's pattern; README "Several GPUs"): torchrun's RANK / LOCAL_RANK / WORLD_SIZE say
+    which one this is; plain ``python script.py`` is rank 0 of 1 and nothing below changes it.
+
+    Data parallel, written out instead of wrapped (``DistributedDataParallel`` would hide the
+    model behind ``.module`` from the attacks and refuses AELF's two backward passes of one
+    step): every process holds the data and the model, draws the same random numbers for the
+    whole batch, trains on its rows of it (``bounds``), and before each optimizer step the
+    gradients are summed over the processes, each weighted by its share of the batch
+    (``sync_gradients``), so a step equals one process's step on the whole batch up to float
+    summation order. BatchNorm's batch statistics are the whole batch's (``sync_batchnorm``).
+    Rank 0 alone writes the run folder and prints."""
+    rank, local_rank, world, device = 0, 0, 1, None
+
+    @property
+    def active(self):
+        return self.world > 1
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def bounds(self, n):
+        """(start, stop) of this process's rows of a batch of ``n``: consecutive, as even as
+        possible (torch.tensor_split's rule)."""
+        q, r = divmod(n, self.world)
+        start = self.rank * q + min(self.rank, r)
+        return start, start + q + (self.rank < r)
+
+    def all_reduce(self, tensor):
+        """Sum ``tensor`` over the processes, in place (a no-op for one process)."""
+        if self.active:
+            torch.distributed.all_reduce(tensor)
+        return tensor
+
+    def broadcast(self, obj):
+        """Rank 0's ``obj`` on every process (pickled; for decisions and checkpoints)."""
+        if not self.active:
+            return obj
+        box = [obj if self.main else None]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+DIST = Distributed()
+
+
+def setup_distributed(device_name):
+    """The device of this process (``get_device``), and under torchrun the process group: NCCL on
+    CUDA (one GPU per process, cuda:LOCAL_RANK), gloo on the CPU. Every script calls it first."""
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    if world <= 1:
+        return get_device(device_name)
+    DIST.rank, DIST.local_rank, DIST.world = int(os.environ['RANK']), int(os.environ['LOCAL_RANK']), world
+    device = get_device(device_name)
+    if device.type == 'cuda':
+        if DIST.local_rank >= torch.cuda.device_count():
+            raise UserError(f"--nproc-per-node asks for {DIST.local_rank + 1}+ processes but this node "
+                            f"has {torch.cuda.device_count()} GPUs: one process per GPU")
+        device = torch.device('cuda', DIST.local_rank)
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+        atexit.register(torch.distributed.destroy_process_group)
+    DIST.device = device
+    return device
+
+
+def sync_gradients(params):
+    """Sum the ``.grad`` of ``params`` over the processes, each weighted by its share of the
+    current batch (``attacks.BATCH_ROWS``): the gradient of the whole batch's mean loss. One
+    all-reduce of one flat buffer; a gradient that is None on every process stays None."""
+    params = [p for p in params if p.requires_grad]
+    share = _batch_share()
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    has = torch.tensor([p.grad is not None for p in params], dtype=grads[0].dtype, device=grads[0].device)
+    flat = torch.cat([g.reshape(-1) for g in grads] + [has]).mul_(share)
+    DIST.all_reduce(flat)
+    used = flat[-len(params):] > 0
+    for p, g, u in zip(params, flat[:-len(params)].split([g.numel() for g in grads]), used.tolist()):
+        p.grad = g.view_as(p).clone() if u else None
+
+
+def distributed_optimizer(optimizer):
+    """``optimizer``, whose ``step`` first sums its parameters' gradients over the processes
+    (``sync_gradients``) under torchrun; unchanged for one process. Wrap every optimizer whose
+    gradients come from the batch (AWP's proxy included)."""
+    if DIST.active:
+        params = [p for group in optimizer.param_groups for p in group['params']]
+        optimizer.register_step_pre_hook(lambda opt, args, kwargs: sync_gradients(params))
+    return optimizer
+
+
+def _batch_share():
+    """This process's share of the current batch (its rows / the batch's)."""
+    rows = attacks.BATCH_ROWS
+    return (rows[1] - rows[0]) / rows[2] if rows else 1.0 / DIST.world
+
+
+class _SumOverProcesses(torch.autograd.Function):
+    """all-reduce (sum) with its gradient. Each process backpropagates its own mean loss and
+    ``sync_gradients`` weights the result by its share w of the batch afterwards, so the gradient
+    arriving here from the other processes is weighted by theirs and divided by ours:
+    (sum_r w_r g_r) / w, which ``sync_gradients``' weighting turns back into sum_r w_r g_r."""
+    @staticmethod
+    def forward(ctx, x):
+        return DIST.all_reduce(x.clone())
+
+    @staticmethod
+    def backward(ctx, grad):
+        share = _batch_share()
+        return DIST.all_reduce(grad * share) / share
+
+
+def _synced_batch_norm(self, x):
+    """BatchNorm2d's training forward with the statistics of the whole batch: the per-channel
+    sums, then the sums of squared deviations, all-reduced (with their gradient) over the
+    processes (two passes, as exact as one process's)."""
+    if not self.training:
+        return torch.nn.BatchNorm2d.forward(self, x)
+    xf = x.float()
+    c = x.shape[1]
+    sums = _SumOverProcesses.apply(torch.cat([xf.sum((0, 2, 3)), xf.new_full((1,), x.numel() / c)]))
+    n = sums[-1]
+    mean = sums[:c] / n
+    centred = xf - mean[None, :, None, None]
+    var = _SumOverProcesses.apply((centred * centred).sum((0, 2, 3))) / n
+    with torch.no_grad():
+        self.num_batches_tracked += 1
+        m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        self.running_mean.mul_(1 - m).add_(m * mean.detach())
+        self.running_var.mul_(1 - m).add_(m * var.detach() * n / (n - 1).clamp_min(1))
+    out = centred * torch.rsqrt(var + self.eps)[None, :, None, None]
+    if self.affine:
+        out = out * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+    return out.to(x.dtype)
+
+
+def sync_batchnorm(model):
+    """Under torchrun, every BatchNorm2d of ``model`` normalises with the whole batch's
+    statistics (SyncBatchNorm's rule, which torch offers on GPUs only); the state dict is
+    unchanged. A no-op for one process."""
+    import types
+    if DIST.active:
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d) and m.track_running_stats:
+                m.forward = types.MethodType(_synced_batch_norm, m)
+    return model
+
+
+def batch_means(n, *losses):
+    """The floats the progress line and the NaN guard read: each loss (a batch mean on this
+    process's ``n`` rows) as the mean over the whole batch, the same on every process. One
+    host-device synchronisation for all of them."""
+    values = torch.stack([l.detach().float().reshape(()) for l in losses])
+    if DIST.active:
+        DIST.all_reduce(values.mul_(_batch_share()))
+    return values.tolist()
+
+
+def sum_over_processes(*numbers):
+    """Per-epoch counts and sums (loss sum, correct, seen ...) summed over the processes."""
+    if not DIST.active:
+        return numbers
+    t = DIST.all_reduce(torch.tensor(numbers, dtype=torch.float64, device=DIST.device))
+    return tuple(type(v)(s) for v, s in zip(numbers, t.tolist()))
 
 
 def seed_everything(seed):
@@ -251,9 +447,11 @@ def seed_epoch(seed, epoch):
 
 
 def autocast(device, enabled):
-    """bfloat16 autocast on CUDA when ``enabled`` (--amp); a no-op elsewhere."""
-    if enabled and device.type == 'cuda':
-        return torch.autocast('cuda', dtype=torch.bfloat16)
+    """bfloat16 autocast when ``enabled`` (--amp), on CUDA and on the CPU alike (the CPU path is
+    what the tests run; on a CPU without bfloat16 instructions it is slower, not faster)."""
+    device = torch.device(device)
+    if enabled and device.type in ('cuda', 'cpu'):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 
 
@@ -273,7 +471,7 @@ def prepare_model(model, device):
         model = model.to(memory_format=torch.channels_last)
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
-    return model
+    return sync_batchnorm(model)      # several processes: the whole batch's BatchNorm statistics
 
 
 COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune')
@@ -347,7 +545,17 @@ def correct(model, split, attack=None, batch_size=500, device=None, amp=False):
                 out.append(_predict(model, x) == y)
     finally:
         model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
+    mine = torch.cat(out) if out else torch.zeros(0, dtype=torch.bool, device=device)
+    if not DIST.active:
+        return mine
+    # several processes: each judged its rows of every batch; put them in place and sum
+    rows = [torch.arange(start + DIST.bounds(min(batch_size, len(split) - start))[0],
+                         start + DIST.bounds(min(batch_size, len(split) - start))[1])
+            for start in range(0, len(split), batch_size)]
+    every = torch.zeros(len(split), dtype=torch.int32, device=device)
+    if rows:
+        every[torch.cat(rows).to(device)] = mine.int()
+    return DIST.all_reduce(every).bool()
 
 
 def accuracy(model, split, attack=None, batch_size=500, amp=False):
@@ -367,9 +575,9 @@ def validation_metrics(model, val_set, attack, args):
     model by hand)."""
     def cw_random_start(m, x, y):
         return pgd(m, x, y, args.eps, args.steps, args.step_size, random_start=True, loss='cw')
-    by_pgd = correct(model, val_set, attack, amp=args.amp)
-    by_cw = correct(model, val_set, cw_random_start, amp=args.amp)
-    return {'val_nat': accuracy(model, val_set, amp=args.amp),
+    by_pgd = correct(model, val_set, attack)          # float32 even under --amp, as eval.py
+    by_cw = correct(model, val_set, cw_random_start)
+    return {'val_nat': accuracy(model, val_set),
             'val_adv': 100.0 * by_pgd.sum().item() / len(by_pgd),
             'val_worst': 100.0 * (by_pgd & by_cw).sum().item() / len(by_pgd)}
 
@@ -806,6 +1014,17 @@ def save_picture(tensor, path, **kwargs):
 CKPT_FORMAT = 'adv-training-checkpoint-v1'
 
 
+def _on_cpu(obj):
+    """A copy of ``obj`` (nested dicts, lists, tuples) with every tensor moved to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _on_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_on_cpu(v) for v in obj)
+    return obj
+
+
 def save_checkpoint(path, model, args, epoch, optimizer=None, metrics=None, finished=False, **extra):
     """Atomically write everything needed to rebuild and continue: model name and constructor
     arguments, state dict, the script's args, epoch (number of finished epochs), optimizer
@@ -817,7 +1036,7 @@ def save_checkpoint(path, model, args, epoch, optimizer=None, metrics=None, fini
         'state_dict': {k: v.detach().cpu() for k, v in model.state_dict().items()},
         'args': {k: v for k, v in vars(args).items()},
         'epoch': epoch,
-        'optimizer': optimizer,
+        'optimizer': _on_cpu(optimizer),     # loads on a machine without the training GPU
         'metrics': metrics or {},
         'finished': finished,
         **extra,
@@ -907,6 +1126,27 @@ class Run:
         self.log_path = os.path.join(self.dir, 'log.jsonl')
         self.resume_ckpt = None
         self.best_score = None
+        self.saved_epoch = 0                  # the epoch last.pt holds (said if interrupted)
+        Run.active.append(self)
+        error = None
+        if DIST.main:
+            try:
+                self._open(args)
+            except UserError as e:
+                error = e
+        # several processes: rank 0 holds the folder; the others follow its decision
+        error_text, self.resume_ckpt, self.best_score, self.saved_epoch = DIST.broadcast(
+            (error and str(error), self.resume_ckpt, self.best_score, self.saved_epoch))
+        if DIST.main and error:
+            raise error
+        if error_text:
+            raise UserError(error_text)
+        self.start = time.time()
+
+    active = []        # the Runs of the running main (main_guard names the folder if interrupted)
+
+    def _open(self, args):
+        """Rank 0: create and lock the folder; decide between a new run, --resume and --overwrite."""
         if getattr(args, 'quick', False):
             print("--quick: a small MNIST protocol (" + ', '.join(
                 f"{k.replace('_', '-')} {_show(v)}" for k, v in QUICK.items()) + "), not the paper's "
@@ -916,8 +1156,6 @@ class Run:
         except OSError as e:
             raise write_failed(self.dir, e, "choose another --out") from None
         self.lock = FolderLock(self.dir)      # before anything in the folder is read or removed
-        self.saved_epoch = 0                  # the epoch last.pt holds (said if interrupted)
-        Run.active.append(self)
         if os.path.exists(self.last) and args.overwrite:
             for p in (self.last, self.best, self.log_path, os.path.join(self.dir, 'final.json')):
                 if os.path.exists(p):
@@ -935,9 +1173,6 @@ class Run:
                                 f"--overwrite to start again, or --out to use another folder")
         elif args.resume:
             raise UserError(f"nothing to resume: {self.last} does not exist")
-        self.start = time.time()
-
-    active = []        # the Runs of the running main (main_guard names the folder if interrupted)
 
     def _read_last(self):
         """last.pt, or one line saying it is unreadable and whether best.pt can take its place."""
@@ -978,9 +1213,10 @@ class Run:
         """final.json written after the last epoch: last.pt and best.pt of this run tested."""
         try:
             with open(os.path.join(self.dir, 'final.json')) as f:
-                return json.load(f)['last']['epoch'] == self.args.epochs
+                done = json.load(f)['last']['epoch'] == self.args.epochs
         except (OSError, ValueError, KeyError, TypeError):
-            return False
+            done = False
+        return DIST.broadcast(done)
 
     @property
     def start_epoch(self):
@@ -1002,7 +1238,9 @@ class Run:
         return ckpt
 
     def log_epoch(self, record, total_epochs):
-        """Append one JSON line and print one console line with an ETA."""
+        """Append one JSON line and print one console line with an ETA (rank 0)."""
+        if not DIST.main:
+            return
         append_line(self.log_path, json.dumps(record))
         done = record['epoch'] - self.start_epoch
         left = total_epochs - record['epoch']
@@ -1031,22 +1269,24 @@ class Run:
         extra.update(best_score=self.best_score, script=self.script)
         # best.pt first: if a write fails (a full disk), last.pt still holds the previous epoch
         # and its best_score names the best.pt on disk or the one --resume writes again
-        if improved:
+        if DIST.main and improved:
             save_checkpoint(self.best, model, self.args, epoch, optimizer, metrics, finished, **extra)
-        save_checkpoint(self.last, model, self.args, epoch, optimizer, metrics, finished, **extra)
+        if DIST.main:
+            save_checkpoint(self.last, model, self.args, epoch, optimizer, metrics, finished, **extra)
         self.saved_epoch = epoch
 
-    def finish(self, model, test_set, attack, amp=False):
+    def finish(self, model, test_set, attack):
         """After the last epoch, the only time a run reads the test split: the accuracy of
         last.pt (``model`` as it is now) and of best.pt, natural and under ``attack``, into
-        final.json ({'last': {...}, 'best': {...}}, each with its epoch) and one line."""
+        final.json ({'last': {...}, 'best': {...}}, each with its epoch) and one line. Scored
+        in float32 whether or not the run trained with --amp, as eval.py scores."""
         def test(m):
-            return {'test_nat': accuracy(m, test_set, amp=amp),
-                    'test_adv': accuracy(m, test_set, attack, amp=amp)}
-        last_epoch = load_checkpoint(self.last)['epoch']
+            return {'test_nat': accuracy(m, test_set),
+                    'test_adv': accuracy(m, test_set, attack)}
+        last_epoch = DIST.broadcast(load_checkpoint(self.last)['epoch'] if DIST.main else None)
         result = {'test_images': len(test_set), 'last': {'epoch': last_epoch, **test(model)}}
-        if os.path.exists(self.best):
-            best = load_checkpoint(self.best)
+        best = DIST.broadcast(load_checkpoint(self.best) if DIST.main and os.path.exists(self.best) else None)
+        if best is not None:
             if best['epoch'] == last_epoch:
                 result['best'] = dict(result['last'])
             else:
@@ -1054,6 +1294,8 @@ class Run:
                 result['best'] = {'epoch': best['epoch'],
                                   **test(model_from_checkpoint(best, device, self.best).eval())}
             result['best']['val_score'] = best['best_score']
+        if not DIST.main:
+            return result
         write_text(os.path.join(self.dir, 'final.json'), json.dumps(result, indent=1),
                    hint="last.pt and best.pt are complete: free some space, then add --resume "
                         "to write final.json")

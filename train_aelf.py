@@ -91,7 +91,7 @@ def aelf_step(model, opt_c, opt_w, x, x_adv, y, lam, distance, device=None, amp=
 @common.main_guard
 def main(argv=None):
     args = parse_args(argv)
-    device = common.get_device(args.device)
+    device = common.setup_distributed(args.device)   # torchrun: README "Several GPUs"
     common.seed_everything(args.seed)
     model = common.prepare_model(common.build_model(args), device)
     common.compile_model(model, args.compile)          # --compile: README "Speed"
@@ -100,7 +100,8 @@ def main(argv=None):
     params_w = list(model.fc.parameters())
     params_c = [p for name, p in model.named_parameters() if not name.startswith('fc.')]
     sgd = dict(lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    opt_c, opt_w = torch.optim.SGD(params_c, **sgd), torch.optim.SGD(params_w, **sgd)
+    opt_c = common.distributed_optimizer(torch.optim.SGD(params_c, **sgd))   # torchrun: sums
+    opt_w = common.distributed_optimizer(torch.optim.SGD(params_w, **sgd))   # the gradients
 
     def load_optimizers(state):
         opt_c.load_state_dict(state['c'])
@@ -132,14 +133,16 @@ def main(argv=None):
                 x_adv = attack(model, x, y, scale)             # line 3 (eval mode inside)
             loss1, loss2, logits = aelf_step(model, opt_c, opt_w, x, x_adv, y, args.lam,
                                              args.distance, device, args.amp)   # lines 4-9
-            loss_value = loss1.item() + args.lam * loss2.item()
+            l1, l2 = common.batch_means(len(y), loss1, loss2)    # the whole batch's
+            loss_value = l1 + args.lam * l2
             common.check_finite(loss_value, epoch, step)
-            loss_sum += loss1.item() * len(y)
-            dist_sum += loss2.item() * len(y)
+            loss_sum += l1 * len(y)
+            dist_sum += l2 * len(y)
             n_correct += (logits.argmax(1) == y).sum().item()
             seen += len(y)
             progress.step(step + 1, seen, loss_value)
         seconds = time.time() - t0
+        loss_sum, dist_sum, n_correct, seen = common.sum_over_processes(loss_sum, dist_sum, n_correct, seen)
 
         final = epoch + 1 == args.epochs
         metrics = {}          # the validation split, never the test split, chooses best.pt
@@ -152,7 +155,7 @@ def main(argv=None):
         run.save(model, epoch + 1, {'c': opt_c.state_dict(), 'w': opt_w.state_dict()}, metrics,
                  score=metrics.get('val_worst'), finished=final)
     if run.start_epoch < args.epochs or not run.tested:      # final.json not yet written
-        run.finish(model, test_set, attack, args.amp)
+        run.finish(model, test_set, attack)
     else:
         print(f"{run.dir} already holds all {args.epochs} epochs; nothing to do")
 

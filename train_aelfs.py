@@ -166,8 +166,8 @@ def aelfs_loss(model, x_nat, x_adv, y_nat, y_adv, lambda1, lambda2, beta, beta_a
 
 def standard_training(model, args, train_set, device, channels_last):
     """Alg. 2, line 1: ST on the natural set (the ST protocol of the dataset)."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
+    optimizer = common.distributed_optimizer(torch.optim.SGD(
+        model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay))
     for epoch in range(args.st_epochs):
         common.seed_epoch(args.seed + 1, epoch)
         lr = common.lr_at(epoch, args.lr, args.st_milestones)
@@ -182,11 +182,12 @@ def standard_training(model, args, train_set, device, channels_last):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_value = loss.item()
+            (loss_value,) = common.batch_means(len(y), loss)   # the whole batch's
             common.check_finite(loss_value, epoch, step)
             loss_sum += loss_value * len(y)
             seen += len(y)
         seconds = time.time() - t0
+        loss_sum, seen = common.sum_over_processes(loss_sum, seen)
         print(f"ST phase epoch {epoch + 1}/{args.st_epochs} | lr {lr:.4g} | loss {loss_sum / seen:.4f} | "
               f"{seconds:.1f}s | {seen / seconds:.0f} img/s", flush=True)
 
@@ -194,7 +195,7 @@ def standard_training(model, args, train_set, device, channels_last):
 @common.main_guard
 def main(argv=None):
     args = parse_args(argv)
-    device = common.get_device(args.device)
+    device = common.setup_distributed(args.device)   # torchrun: README "Several GPUs"
     common.seed_everything(args.seed)
     model = common.prepare_model(common.build_model(args), device)
     common.compile_model(model, args.compile)          # --compile: README "Speed"
@@ -216,7 +217,7 @@ def main(argv=None):
         else:
             print(f"ST phase: {args.st_epochs} epochs on clean data (saved to {st_path})", flush=True)
             standard_training(model, args, train_set, device, channels_last)
-            st_metrics = {'val_nat': common.accuracy(model, val_set, amp=args.amp)} if len(val_set) else {}
+            st_metrics = {'val_nat': common.accuracy(model, val_set)} if len(val_set) else {}
             common.save_checkpoint(st_path, model, args, args.st_epochs, None, st_metrics,
                                    finished=True, script='aelfs-st-phase')
             print(f"ST phase done" + (f": val nat {st_metrics['val_nat']:.2f}%" if st_metrics else ''),
@@ -224,8 +225,8 @@ def main(argv=None):
     # Freeze w: never updated again (Alg. 2 note: "The w is not updated during AELFs")
     model.fc.requires_grad_(False)
     params_c = [p for name, p in model.named_parameters() if not name.startswith('fc.')]
-    optimizer = torch.optim.SGD(params_c, lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
+    optimizer = common.distributed_optimizer(torch.optim.SGD(
+        params_c, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay))
     run.resume(model, optimizer.load_state_dict)
     w_start = {k: v.detach().clone() for k, v in model.fc.state_dict().items()}
 
@@ -267,7 +268,7 @@ def main(argv=None):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()                                  # Alg. 2, line 7: c only
-            loss_value = loss.item()
+            (loss_value,) = common.batch_means(len(y), loss)   # the whole batch's
             common.check_finite(loss_value, epoch, step)
             loss_sum += loss_value * len(y)
             n_correct += (logits.argmax(1) == torch.cat([y_nat, y_adv])).sum().item()
@@ -276,6 +277,7 @@ def main(argv=None):
             watch.step(f, f_adv, logits[:len(y_nat)], y_nat, epoch)
             progress.step(step + 1, seen, loss_value)
         seconds = time.time() - t0
+        loss_sum, n_correct, n_predicted, seen = common.sum_over_processes(loss_sum, n_correct, n_predicted, seen)
 
         final = epoch + 1 == args.epochs
         metrics = {}          # the validation split, never the test split, chooses best.pt
@@ -292,7 +294,7 @@ def main(argv=None):
     if not all(torch.equal(v, model.fc.state_dict()[k]) for k, v in w_start.items()):
         raise RuntimeError('w (fc) changed during AELFs: it must stay frozen')   # never expected
     if run.start_epoch < args.epochs or not run.tested:      # final.json not yet written
-        run.finish(model, test_set, attack, args.amp)
+        run.finish(model, test_set, attack)
     else:
         print(f"{run.dir} already holds all {args.epochs} epochs; nothing to do")
 

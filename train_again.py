@@ -183,7 +183,7 @@ def awp_perturbation(model, proxy, x, x_adv, y, args, again, gamma):
     per-layer perturbation gamma * ||w|| * d / ||d|| for every weight with 2+ dimensions."""
     proxy.load_state_dict(model.state_dict())
     proxy.train()
-    proxy_opt = torch.optim.SGD(proxy.parameters(), lr=0.01)
+    proxy_opt = common.distributed_optimizer(torch.optim.SGD(proxy.parameters(), lr=0.01))
     # the proxy sees the same fake labels and HFF draw as the step that follows
     with torch.random.fork_rng(devices=[x.device] if x.device.type == 'cuda' else []):
         loss, _ = step_loss(proxy, x, x_adv, y, args, again)
@@ -211,7 +211,7 @@ def add_to_weights(model, diff, sign):
 @common.main_guard
 def main(argv=None):
     args = parse_args(argv)
-    device = common.get_device(args.device)
+    device = common.setup_distributed(args.device)   # torchrun: README "Several GPUs"
     common.seed_everything(args.seed)
     extra = {} if args.no_ase else {'ase_layer': args.ase_layer}
     model = common.prepare_model(common.build_model(args, **extra), device)
@@ -220,8 +220,8 @@ def main(argv=None):
     name = 'again' + ('-mart' if args.base == 'mart' else '') + ('-awp' if args.awp_gamma else '')
     run = common.Run(args, name)
     train_set, val_set, test_set = common.load_data(args, device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
+    optimizer = common.distributed_optimizer(torch.optim.SGD(
+        model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay))
     run.resume(model, optimizer.load_state_dict)
     if not args.no_hff:   # fail now, not at the first AGAIN step, if HFF cannot run there
         with torch.no_grad():
@@ -274,7 +274,7 @@ def main(argv=None):
             optimizer.step()
             if diff is not None:
                 add_to_weights(model, diff, -1.0)                    # restore
-            loss_value = loss.item()
+            (loss_value,) = common.batch_means(len(y), loss)   # the whole batch's
             common.check_finite(loss_value, epoch, step)
             loss_sum += loss_value * len(y)
             n_correct += (logits.argmax(1) == y).sum().item()
@@ -282,6 +282,7 @@ def main(argv=None):
             n_again += int(again)
             progress.step(step + 1, seen, loss_value)
         seconds = time.time() - t0
+        loss_sum, n_correct, seen = common.sum_over_processes(loss_sum, n_correct, seen)
 
         final = epoch + 1 == args.epochs
         metrics = {}          # the validation split, never the test split, chooses best.pt
@@ -294,7 +295,7 @@ def main(argv=None):
         run.save(model, epoch + 1, optimizer.state_dict(), metrics, score=metrics.get('val_worst'),
                  finished=final)
     if run.start_epoch < args.epochs or not run.tested:      # final.json not yet written
-        run.finish(model, test_set, attack, args.amp)
+        run.finish(model, test_set, attack)
     else:
         print(f"{run.dir} already holds all {args.epochs} epochs; nothing to do")
 

@@ -59,7 +59,7 @@ def at_loss(model, x, y, attack, standard=False):
 @common.main_guard
 def main(argv=None):
     args = parse_args(argv)
-    device = common.get_device(args.device)
+    device = common.setup_distributed(args.device)   # torchrun: README "Several GPUs"
     common.seed_everything(args.seed)
     model = common.prepare_model(common.build_model(args), device)
     common.compile_model(model, args.compile)          # --compile: README "Speed"
@@ -67,8 +67,8 @@ def main(argv=None):
     if args.init and run.resume_ckpt is None:
         common.load_weights_into(model, args.init)           # one-line error for another model
     train_set, val_set, test_set = common.load_data(args, device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
+    optimizer = common.distributed_optimizer(torch.optim.SGD(
+        model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay))
     run.resume(model, optimizer.load_state_dict)
 
     def attack(m, x, y, scale=1.0):  # the training PGD, also the per-epoch test's (scale 1);
@@ -99,13 +99,14 @@ def main(argv=None):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_value = loss.item()
+            (loss_value,) = common.batch_means(len(y), loss)   # the whole batch's
             common.check_finite(loss_value, epoch, step)
             loss_sum += loss_value * len(y)
             n_correct += (logits.argmax(1) == y).sum().item()
             seen += len(y)
             progress.step(step + 1, seen, loss_value)
         seconds = time.time() - t0
+        loss_sum, n_correct, seen = common.sum_over_processes(loss_sum, n_correct, seen)
 
         final = epoch + 1 == args.epochs
         metrics = {}          # the validation split, never the test split, chooses best.pt
@@ -118,7 +119,7 @@ def main(argv=None):
         run.save(model, epoch + 1, optimizer.state_dict(), metrics, finished=final,
                  score=metrics.get('val_nat' if args.standard else 'val_worst'))
     if run.start_epoch < args.epochs or not run.tested:      # final.json not yet written
-        run.finish(model, test_set, attack, args.amp)
+        run.finish(model, test_set, attack)
     else:
         print(f"{run.dir} already holds all {args.epochs} epochs; nothing to do")
 

@@ -113,17 +113,18 @@ def att_id_loss(model, x, x_adv, y, lam):
 @common.main_guard
 def main(argv=None):
     args = parse_args(argv)
-    device = common.get_device(args.device)
+    device = common.setup_distributed(args.device)   # torchrun: README "Several GPUs"
     common.seed_everything(args.seed)
     model = common.prepare_model(common.build_model(args), device)
     common.compile_model(model, args.compile)          # --compile: README "Speed"
     run = common.Run(args, 'at-' + args.mode)
     train_set, val_set, test_set = common.load_data(args, device)
     if args.optimizer == 'adam':      # Madry et al.'s MNIST training
-        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        optimizer = common.distributed_optimizer(
+            torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay))
     else:
-        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                    weight_decay=args.weight_decay)
+        optimizer = common.distributed_optimizer(torch.optim.SGD(
+            model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay))
     run.resume(model, optimizer.load_state_dict)
 
     def attack(m, x, y, scale=1.0):   # Eq. (2), Madry et al.'s PGD (scale < 1: --eps-warmup)
@@ -154,13 +155,14 @@ def main(argv=None):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_value = loss.item()
+            (loss_value,) = common.batch_means(len(y), loss)   # the whole batch's
             common.check_finite(loss_value, epoch, step)
             loss_sum += loss_value * len(y)
             n_correct += (logits.argmax(1) == y).sum().item()
             seen += len(y)
             progress.step(step + 1, seen, loss_value)
         seconds = time.time() - t0
+        loss_sum, n_correct, seen = common.sum_over_processes(loss_sum, n_correct, seen)
 
         final = epoch + 1 == args.epochs
         metrics = {}          # the validation split, never the test split, chooses best.pt
@@ -173,7 +175,7 @@ def main(argv=None):
         run.save(model, epoch + 1, optimizer.state_dict(), metrics, score=metrics.get('val_worst'),
                  finished=final)
     if run.start_epoch < args.epochs or not run.tested:      # final.json not yet written
-        run.finish(model, test_set, attack, args.amp)
+        run.finish(model, test_set, attack)
     else:
         print(f"{run.dir} already holds all {args.epochs} epochs; nothing to do")
 

@@ -99,7 +99,7 @@ def jt_loss(model, x_nat, x_adv, y_nat, y_adv, lambda1, lambda2, beta, reading='
 @common.main_guard
 def main(argv=None):
     args = parse_args(argv)
-    device = common.get_device(args.device)
+    device = common.setup_distributed(args.device)   # torchrun: README "Several GPUs"
     common.seed_everything(args.seed)
     model = common.prepare_model(common.build_model(args), device)
     common.compile_model(model, args.compile)          # --compile: README "Speed"
@@ -107,8 +107,8 @@ def main(argv=None):
     if args.init:
         common.load_weights_into(model, args.init)          # JT*: ST initialisation
     train_set, val_set, test_set = common.load_data(args, device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)   # every parameter, w included
+    optimizer = common.distributed_optimizer(torch.optim.SGD(
+        model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay))  # w too
     run.resume(model, optimizer.load_state_dict)
 
     def attack(m, x, y, scale=1.0):   # scale < 1: the eps warm-up (--eps-warmup), training only
@@ -149,7 +149,7 @@ def main(argv=None):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_value = loss.item()
+            (loss_value,) = common.batch_means(len(y), loss)   # the whole batch's
             common.check_finite(loss_value, epoch, step)
             loss_sum += loss_value * len(y)
             n_correct += (logits.argmax(1) == torch.cat([y_nat, y_adv])).sum().item()
@@ -160,6 +160,7 @@ def main(argv=None):
                            epoch)
             progress.step(step + 1, seen, loss_value)
         seconds = time.time() - t0
+        loss_sum, n_correct, n_predicted, seen = common.sum_over_processes(loss_sum, n_correct, n_predicted, seen)
 
         final = epoch + 1 == args.epochs
         metrics = {}          # the validation split, never the test split, chooses best.pt
@@ -173,7 +174,7 @@ def main(argv=None):
         run.save(model, epoch + 1, optimizer.state_dict(), metrics, score=metrics.get('val_worst'),
                  finished=final, init=args.init)
     if run.start_epoch < args.epochs or not run.tested:      # final.json not yet written
-        run.finish(model, test_set, attack, args.amp)
+        run.finish(model, test_set, attack)
     else:
         print(f"{run.dir} already holds all {args.epochs} epochs; nothing to do")
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import common
-from attacks import pgd
+from attacks import noise_like, pgd
 
 
 def parse_args(argv=None):
@@ -70,7 +70,7 @@ def trades_attack(model, x, y, eps, steps, step_size, init_noise):
     def kl_loss(m, x_adv, _y):
         return F.kl_div(F.log_softmax(m(x_adv).float(), dim=1), F.softmax(logits_clean, dim=1),
                         reduction='sum')
-    x_start = x + init_noise * torch.randn_like(x)           # x + 0.001 * N(0, 1)
+    x_start = x + init_noise * noise_like(x, torch.Tensor.normal_)   # x + 0.001 * N(0, 1)
     return pgd(model, x, y, eps, steps, step_size, loss=kl_loss, x_init=x_start)
 
 
@@ -85,14 +85,14 @@ def trades_loss(model, x, x_adv, y, beta):
 @common.main_guard
 def main(argv=None):
     args = parse_args(argv)
-    device = common.get_device(args.device)
+    device = common.setup_distributed(args.device)   # torchrun: README "Several GPUs"
     common.seed_everything(args.seed)
     model = common.prepare_model(common.build_model(args), device)
     common.compile_model(model, args.compile)          # --compile: README "Speed"
     run = common.Run(args, 'trades')
     train_set, val_set, test_set = common.load_data(args, device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
+    optimizer = common.distributed_optimizer(torch.optim.SGD(
+        model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay))
     run.resume(model, optimizer.load_state_dict)
 
     def test_attack(m, x, y):   # the test uses the protocol's CE PGD, like every other method
@@ -122,13 +122,14 @@ def main(argv=None):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_value = loss.item()
+            (loss_value,) = common.batch_means(len(y), loss)   # the whole batch's
             common.check_finite(loss_value, epoch, step)
             loss_sum += loss_value * len(y)
             n_correct += (logits.argmax(1) == y).sum().item()
             seen += len(y)
             progress.step(step + 1, seen, loss_value)
         seconds = time.time() - t0
+        loss_sum, n_correct, seen = common.sum_over_processes(loss_sum, n_correct, seen)
 
         final = epoch + 1 == args.epochs
         metrics = {}          # the validation split, never the test split, chooses best.pt
@@ -141,7 +142,7 @@ def main(argv=None):
         run.save(model, epoch + 1, optimizer.state_dict(), metrics, score=metrics.get('val_worst'),
                  finished=final)
     if run.start_epoch < args.epochs or not run.tested:      # final.json not yet written
-        run.finish(model, test_set, test_attack, args.amp)
+        run.finish(model, test_set, test_attack)
     else:
         print(f"{run.dir} already holds all {args.epochs} epochs; nothing to do")
 

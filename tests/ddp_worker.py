@@ -1,0 +1,33 @@
+"""Run several train_*.py mains in one process of a torchrun launch (the DDP tests in
+tests/test_distributed.py): one start-up of torch and one process group for all of them.
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/ddp_worker.py RUNS.json
+
+RUNS.json: a list of [script, arg, ...]. Each main runs as its command line would; the worker
+goes on after a run that fails and writes every run's exit status, per rank, to
+RUNS.json.rank<R> (so torchrun itself sees no failure and adds no report of its own).
+"""
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main():
+    runs = json.loads(Path(sys.argv[1]).read_text())
+    codes = []
+    for script, *args in runs:
+        module = importlib.import_module(script[:-3])
+        try:
+            module.main(args)
+            codes.append(0)
+        except SystemExit as e:
+            codes.append(e.code if isinstance(e.code, int) else (0 if e.code is None else 1))
+    Path(f"{sys.argv[1]}.rank{os.environ.get('RANK', '0')}").write_text(json.dumps(codes))
+
+
+if __name__ == '__main__':
+    main()
