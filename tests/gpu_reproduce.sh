@@ -6,8 +6,13 @@
 #
 #     bash tests/gpu_reproduce.sh STAGE [STAGE ...]
 #
+#   lease    the one prepared call for a 15-minute lease (10 minutes per command): check,
+#            then a trimmed speed table (AT, TRADES, AELFs and ResNet-18 PGD-10, fp32 and
+#            --amp) and a reduce-overhead compile probe of AT and AELF; at most 9 minutes
 #   check    nvidia-smi, then tests/test_cuda.py (every script on CUDA, fp32
 #            and --amp, ResNet-18 and WRN on synthetic CIFAR, AutoAttack)           ~3 min
+#   table2q  the table-2 rows at a reduced protocol (1 epoch of 10,000 images, PGD as the
+#            paper's) side by side, waited for: inside one call (8 minutes at most)
 #   speed    tests/bench_overhead.py for every script, fp32 and --amp, full
 #            cnn_b; one ResNet-18 PGD-10 row on synthetic CIFAR; bench_reference AT and TRADES
 #            (this repository against the reference-style loops)                 ~6 min
@@ -19,8 +24,12 @@
 #   eval     eval.py --shift 8 (whole test set) and --autoattack (first 1,000) for every
 #            finished table-2 run, in the background; `poll` brings the results back
 #
+# Each stage has a time limit (GPU_STAGE_SECONDS, default 540 s; the lease's parts less): a
+# stage that runs out is stopped and says so, and the next stage starts. Before anything runs,
+# the `.gpu/` files are checked (pyautoattack's code, MNIST's .gz files).
 # Everything lands in $OUT (one .log and one .jsonl per stage, table2.tar.gz).
-# `check speed compile` take about 13 minutes in all (estimated, not yet run on a GPU). Table 2 at
+# `check speed compile` take about 13 minutes in all (estimated, not yet run on a GPU): more
+# than one call; `lease` is the stage for a 15-minute lease. Table 2 at
 # the paper protocol is about 2e16 FLOP per adversarial run (3M images x ~35 passes of a
 # 190-MFLOP cnn_b): read `speed`'s img/s first to know how long the six runs will take.
 # For a dry run on the CPU: GPU_SESSION_DEVICE=cpu GPU_SESSION_SMALL=1 OUT=/tmp/o bash tests/gpu_reproduce.sh check speed
@@ -33,6 +42,18 @@ DATA=.gpu/data
 PY=${PYTHON:-python3}
 OUT=${OUT:?set OUT to the folder whose files come back}
 mkdir -p "$OUT"
+LIMIT=${GPU_STAGE_SECONDS:-540}
+if [ -z "$SMALL" ]; then           # preflight: what the GPU machine lacks must have travelled
+    missing=()
+    [ -f .gpu/site/pyautoattack/__init__.py ] || missing+=(.gpu/site/pyautoattack/__init__.py)
+    for f in train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte; do
+        [ -f $DATA/MNIST/raw/$f.gz ] || [ -f $DATA/MNIST/raw/$f ] || missing+=($DATA/MNIST/raw/$f.gz)
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "missing ${missing[*]}: copy them as ../shared/device-notes.md shows and carry .gpu" | tee "$OUT/preflight.log"
+        exit 2
+    fi
+fi
 if [ -n "$SMALL" ]; then           # the dry run: narrow models, few batches, tiny table 2
     DATA=${GPU_SESSION_DATA:-../shared/data}; WIDTH=0.125; BATCHES=2; REPS=1
     TABLE=(--width 0.125 --train-size 256 --test-size 64 --epochs 1 --steps 2)
@@ -45,7 +66,7 @@ SCRIPTS="train_at.py train_jt.py train_trades.py train_aelf.py train_aelfs.py tr
 bench() {   # bench() LABEL ARGS...: one bench_overhead JSON line into speed.jsonl / compile.jsonl
     local file=$1; shift
     echo "== $*" >> "$OUT/$file.log"
-    $PY tests/bench_overhead.py --device "$DEV" --data-dir "$DATA" --width "$WIDTH" \
+    timeout "${BENCH_SECONDS:-$LIMIT}" $PY tests/bench_overhead.py --device "$DEV" --data-dir "$DATA" --width "$WIDTH" \
         --batches "$BATCHES" --reps "$REPS" "$@" 2>>"$OUT/$file.log" | tee -a "$OUT/$file.log" \
         | grep '^{' >> "$OUT/$file.jsonl" || echo "FAILED: $*" | tee -a "$OUT/$file.log"
 }
@@ -56,8 +77,32 @@ for stage in "$@"; do
   check)
     { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
       $PY -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else "no cuda")'
-      ADV_TEST_DEVICE=$DEV $PY -m pytest -q -x tests/test_cuda.py 2>&1; } > "$OUT/check.log"
+      ADV_TEST_DEVICE=$DEV timeout "${CHECK_SECONDS:-$LIMIT}" $PY -m pytest -q tests/test_cuda.py 2>&1 \
+          || echo "check: failures above, or stopped after ${CHECK_SECONDS:-$LIMIT} s"; } > "$OUT/check.log"
     tail -3 "$OUT/check.log" ;;
+  lease)
+    CHECK_SECONDS=150 bash "$0" check
+    [ -d "$SYNTH" ] || $PY -c "import sys; sys.path.insert(0, 'tests'); import conftest; \
+        conftest.write_cifar('$SYNTH', 10, n_per_batch=$((128 * BATCHES / 5 + 128)))"
+    export BENCH_SECONDS=40
+    for amp in "" --amp; do
+      for s in train_at.py train_trades.py train_aelfs.py; do bench speed --script $s -- $amp; done
+      bench speed --script train_at.py --data-dir "$SYNTH" -- --dataset cifar10 --model resnet18 \
+          --eps 0.0314 --steps 10 --step-size 0.0157 --random-start $amp
+    done
+    BENCH_SECONDS=45
+    for s in train_at.py train_aelf.py; do bench compile --script $s --compile reduce-overhead; done ;;
+  table2q)
+    mkdir -p runs/table2q
+    q=(--dataset mnist --data-dir "$DATA" --device "$DEV" --epochs 1 --train-size 10000 --test-size 1000 "${TABLE[@]}")
+    for row in "st train_at.py --standard" "at train_at.py" "jt train_jt.py" "aelfs train_aelfs.py --st-epochs 1" \
+               "trades train_trades.py" "aelf train_aelf.py"; do
+      set -- $row; name=$1; shift
+      timeout $((LIMIT - 60)) $PY "$@" "${q[@]}" --out runs/table2q/$name --overwrite > runs/table2q/$name.out 2>&1 &
+    done
+    wait
+    for f in runs/table2q/*.out; do echo "$f: $(grep -E 'done in|rror' $f | tail -n 1)"; done | tee "$OUT/table2q.log"
+    tar czf "$OUT/table2q.tar.gz" runs/table2q/*.out runs/table2q/*/log.jsonl runs/table2q/*/final.json 2>/dev/null ;;
   speed)
     for s in $SCRIPTS; do
       [ $s = train_att_id.py ] && extra=(--model cnn_b) || extra=()     # its MNIST default is madry_cnn
@@ -111,7 +156,7 @@ for stage in "$@"; do
     done
     tar czf "$OUT/table2.tar.gz" runs/table2/*.out runs/table2/*.json runs/table2/*/log.jsonl \
         runs/table2/*/final.json 2>/dev/null ;;
-  *) echo "unknown stage $stage (check speed compile table2 poll eval)"; exit 2 ;;
+  *) echo "unknown stage $stage (lease check speed compile table2q table2 poll eval)"; exit 2 ;;
   esac
   echo "[$stage: $(( $(date +%s) - t0 )) s]"
 done
