@@ -779,7 +779,8 @@ def add_common_args(parser):
                         'any flag given overrides it')
     g.add_argument('--seed', type=int, help='random seed')
     g.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'], help='auto: cuda if available')
-    g.add_argument('--amp', action='store_true', help='bfloat16 autocast on CUDA')
+    g.add_argument('--amp', action='store_true',
+                   help='bfloat16 autocast of the training steps (CUDA and CPU); validation and test in float32')
     g.add_argument('--compile', nargs='?', const='default', choices=COMPILE_MODES, metavar='MODE',
                    help='torch.compile the model; bare --compile means "default" (README "Speed": '
                         'faster on the CPU after a compilation of 10-50 s; reduce-overhead adds '

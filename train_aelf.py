@@ -138,11 +138,12 @@ def main(argv=None):
             common.check_finite(loss_value, epoch, step)
             loss_sum += l1 * len(y)
             dist_sum += l2 * len(y)
-            n_correct += (logits.argmax(1) == y).sum().item()
+            n_correct += (logits.argmax(1) == y).sum()   # on the device: no sync per step
             seen += len(y)
             progress.step(step + 1, seen, loss_value)
         seconds = time.time() - t0
-        loss_sum, dist_sum, n_correct, seen = common.sum_over_processes(loss_sum, dist_sum, n_correct, seen)
+        loss_sum, dist_sum, n_correct, seen = common.sum_over_processes(
+            loss_sum, dist_sum, int(n_correct), seen)
 
         final = epoch + 1 == args.epochs
         metrics = {}          # the validation split, never the test split, chooses best.pt

@@ -271,13 +271,14 @@ def main(argv=None):
             (loss_value,) = common.batch_means(len(y), loss)   # the whole batch's
             common.check_finite(loss_value, epoch, step)
             loss_sum += loss_value * len(y)
-            n_correct += (logits.argmax(1) == torch.cat([y_nat, y_adv])).sum().item()
+            n_correct += (logits.argmax(1) == torch.cat([y_nat, y_adv])).sum()   # on the device: no sync per step
             n_predicted += len(logits)
             seen += len(y)
             watch.step(f, f_adv, logits[:len(y_nat)], y_nat, epoch)
             progress.step(step + 1, seen, loss_value)
         seconds = time.time() - t0
-        loss_sum, n_correct, n_predicted, seen = common.sum_over_processes(loss_sum, n_correct, n_predicted, seen)
+        loss_sum, n_correct, n_predicted, seen = common.sum_over_processes(
+            loss_sum, int(n_correct), n_predicted, seen)
 
         final = epoch + 1 == args.epochs
         metrics = {}          # the validation split, never the test split, chooses best.pt

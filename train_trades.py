@@ -125,11 +125,11 @@ def main(argv=None):
             (loss_value,) = common.batch_means(len(y), loss)   # the whole batch's
             common.check_finite(loss_value, epoch, step)
             loss_sum += loss_value * len(y)
-            n_correct += (logits.argmax(1) == y).sum().item()
+            n_correct += (logits.argmax(1) == y).sum()   # on the device: no sync per step
             seen += len(y)
             progress.step(step + 1, seen, loss_value)
         seconds = time.time() - t0
-        loss_sum, n_correct, seen = common.sum_over_processes(loss_sum, n_correct, seen)
+        loss_sum, n_correct, seen = common.sum_over_processes(loss_sum, int(n_correct), seen)
 
         final = epoch + 1 == args.epochs
         metrics = {}          # the validation split, never the test split, chooses best.pt

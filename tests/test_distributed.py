@@ -200,3 +200,31 @@ def test_shards_cover_every_batch_once_as_evenly_as_possible(monkeypatch):
             assert parts[0][0] == 0 and parts[-1][1] == n
             assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
             assert max(b - a for a, b in parts) - min(b - a for a, b in parts) <= 1
+
+
+# host-device synchronisations a training step may make: the one read of the progress line
+# (common.batch_means); AGAIN reads its i/N draw (a CPU scalar, no device sync) as well
+SYNCS_PER_STEP = {'train_again.py': 2}
+
+
+@pytest.mark.parametrize('script', [s for s in SCRIPTS if s != 'train_aelfs.py'])
+def test_a_training_step_reads_the_device_once(script, data_dir, tmp_path, monkeypatch):
+    """Counts Tensor.item / tolist / __float__ / __int__ (each a host-device sync on a
+    GPU) over 2 and over 6 training steps of one epoch: the 4 steps more may add one read each.
+    AELFs and JT* (their CollapseWatch reads per step) are not held to it."""
+    counts = []
+    for train_size in (64, 192):
+        calls = [0]
+        for name in ('item', 'tolist', '__float__', '__int__'):
+            real = getattr(torch.Tensor, name)
+
+            def counted(self, *a, _real=real, **k):
+                calls[0] += 1
+                return _real(self, *a, **k)
+            monkeypatch.setattr(torch.Tensor, name, counted)
+        run_ok(script, '--data-dir', data_dir, *QUICK, *OWN.get(script, []), '--train-size', train_size,
+               '--val-size', '0', '--out', tmp_path / str(train_size))
+        monkeypatch.undo()
+        counts.append(calls[0])
+    per_step = (counts[1] - counts[0]) / 4
+    assert per_step <= SYNCS_PER_STEP.get(script, 1), f"{per_step} host-device reads per training step"
