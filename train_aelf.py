@@ -75,13 +75,15 @@ def aelf_step(model, opt_c, opt_w, x, x_adv, y, lam, distance, device=None, amp=
     opt_w.zero_grad(set_to_none=True)
     with common.autocast(device, amp):
         f = model.features(x)                                  # line 4: x -c-> f
+        target = f.detach().clone()   # line 8's f_bar, kept now: under --compile reduce-overhead
+        # (CUDA graphs) the next features() call reuses f's memory
         logits = model.fc(f).float()                           #          f -w-> y_hat
         loss1 = F.cross_entropy(logits, y)                     # line 5: L1
     loss1.backward()           # dL1/dw into w.grad and dL1/dc into c's .grad (same forward)
     opt_w.step()                                               # line 6: w <- w - dL1/dw
     with common.autocast(device, amp):
         f_adv = model.features(x_adv)                          # line 7: x' -c-> f'
-        target = f.detach()                                    # line 8: f_bar <- f (constant)
+        # line 8: f_bar <- f (constant): ``target`` above
         loss2 = embedding_distance(f_adv.float(), target.float(), distance)
     (lam * loss2).backward()   # adds lambda dL2/dc to c's .grad; L2 does not involve w
     opt_c.step()                                               # line 9: c <- c - d(L1+lam L2)/dc
