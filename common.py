@@ -611,16 +611,17 @@ class CollapseWatch:
 
     @torch.no_grad()
     def step(self, f, f_adv, logits_nat, y_nat, epoch_index=None):
+        """One training step's embeddings, kept on the device (read only at the checks)."""
         norms = f.float().flatten(1).norm(dim=1)
-        correct = (logits_nat.argmax(1) == y_nat).sum().item()
+        correct = (logits_nat.argmax(1) == y_nat).sum()
         if self.start_norm is None:
-            self.start_norm = norms.mean().item()
-        self.sum_f += norms.sum().item()
+            self.start_norm = norms.mean()
+        self.sum_f += norms.sum()
         self.n_f += len(norms)
-        self.sum_f_adv += f_adv.float().flatten(1).norm(dim=1).sum().item()
+        self.sum_f_adv += f_adv.float().flatten(1).norm(dim=1).sum()
         self.n_f_adv += len(f_adv)
         self.correct_nat += correct
-        self.recent = (self.recent + [(norms.mean().item(), 100.0 * correct / max(len(y_nat), 1))])[-self.window:]
+        self.recent = (self.recent + [(norms.mean(), 100.0 * correct / max(len(y_nat), 1))])[-self.window:]
         self.epoch_steps += 1
         if epoch_index == 0 and self.epoch_steps == self.early_check:
             self.check()
@@ -629,15 +630,17 @@ class CollapseWatch:
         """True when the recent steps look collapsed; warns the first time."""
         if not self.recent:
             return False
-        last = self.recent[-self.norm_window:]
+        recent = torch.stack([torch.stack([n, a.float()]) for n, a in self.recent]).tolist()
+        start_norm = float(self.start_norm)
+        last = recent[-self.norm_window:]
         norm = sum(n for n, _ in last) / len(last)
-        acc = sum(a for _, a in self.recent) / len(self.recent)
+        acc = sum(a for _, a in recent) / len(recent)
         chance = 100.0 / self.num_classes
         reasons = []
         if acc < 2 * chance:
             reasons.append(f"natural training accuracy {acc:.1f}% is near chance ({chance:.0f}%)")
-        if self.start_norm and norm < 0.1 * self.start_norm:
-            reasons.append(f"mean ||f|| fell from {self.start_norm:.3g} to {norm:.3g}")
+        if start_norm and norm < 0.1 * start_norm:
+            reasons.append(f"mean ||f|| fell from {start_norm:.3g} to {norm:.3g}")
         if reasons and not self.warned:
             self.warned = True
             print(f"WARNING: the embeddings are collapsing ({'; '.join(reasons)}): {self.hint}",
@@ -646,9 +649,9 @@ class CollapseWatch:
 
     def end_epoch(self, epoch_index):
         """Fields for the epoch's log record; prints the warning (once per run) if needed."""
-        record = {'f_norm': self.sum_f / max(self.n_f, 1),
-                  'f_adv_norm': self.sum_f_adv / max(self.n_f_adv, 1),
-                  'train_acc_nat': 100.0 * self.correct_nat / max(self.n_f, 1),
+        record = {'f_norm': float(self.sum_f) / max(self.n_f, 1),
+                  'f_adv_norm': float(self.sum_f_adv) / max(self.n_f_adv, 1),
+                  'train_acc_nat': 100.0 * int(self.correct_nat) / max(self.n_f, 1),
                   'collapse_warning': self.check()}
         self._reset()
         return record
