@@ -6,7 +6,7 @@
 #
 #     bash tests/gpu_reproduce.sh STAGE [STAGE ...]
 #
-#   lease    the one prepared call for a 15-minute lease (10 minutes per command): check,
+#   short    the one prepared call of at most 9 minutes (for a machine lent briefly): check,
 #            then a trimmed speed table (AT, TRADES, AELFs and ResNet-18 PGD-10, fp32 and
 #            --amp) and a reduce-overhead compile probe of AT and AELF; at most 9 minutes
 #   check    nvidia-smi, then tests/test_cuda.py (every script on CUDA, fp32
@@ -24,12 +24,12 @@
 #   eval     eval.py --shift 8 (whole test set) and --autoattack (first 1,000) for every
 #            finished table-2 run, in the background; `poll` brings the results back
 #
-# Each stage has a time limit (GPU_STAGE_SECONDS, default 540 s; the lease's parts less): a
+# Each stage has a time limit (GPU_STAGE_SECONDS, default 540 s; the `short` stage's parts less): a
 # stage that runs out is stopped and says so, and the next stage starts. Before anything runs,
 # the `.gpu/` files are checked (pyautoattack's code, MNIST's .gz files).
 # Everything lands in $OUT (one .log and one .jsonl per stage, table2.tar.gz).
 # `check speed compile` take about 13 minutes in all (estimated, not yet run on a GPU): more
-# than one call; `lease` is the stage for a 15-minute lease. Table 2 at
+# than one call; `short` fits in one 9-minute call. Table 2 at
 # the paper protocol is about 2e16 FLOP per adversarial run (3M images x ~35 passes of a
 # 190-MFLOP cnn_b): read `speed`'s img/s first to know how long the six runs will take.
 # For a dry run on the CPU: GPU_SESSION_DEVICE=cpu GPU_SESSION_SMALL=1 OUT=/tmp/o bash tests/gpu_reproduce.sh check speed
@@ -80,8 +80,8 @@ for stage in "$@"; do
       ADV_TEST_DEVICE=$DEV timeout "${CHECK_SECONDS:-$LIMIT}" $PY -m pytest -q tests/test_cuda.py 2>&1 \
           || echo "check: failures above, or stopped after ${CHECK_SECONDS:-$LIMIT} s"; } > "$OUT/check.log"
     tail -3 "$OUT/check.log" ;;
-  lease)
-    CHECK_SECONDS=110 bash "$0" check           # the lease: 110 + 8 x 35 + 2 x 65 s < 9 min
+  short)
+    CHECK_SECONDS=110 bash "$0" check           # short: 110 + 8 x 35 + 2 x 65 s < 9 min
     [ -d "$SYNTH" ] || $PY -c "import sys; sys.path.insert(0, 'tests'); import conftest; \
         conftest.write_cifar('$SYNTH', 10, n_per_batch=$((128 * BATCHES / 5 + 128)))"
     export BENCH_SECONDS=35
@@ -156,7 +156,7 @@ for stage in "$@"; do
     done
     tar czf "$OUT/table2.tar.gz" runs/table2/*.out runs/table2/*.json runs/table2/*/log.jsonl \
         runs/table2/*/final.json 2>/dev/null ;;
-  *) echo "unknown stage $stage (lease check speed compile table2q table2 poll eval)"; exit 2 ;;
+  *) echo "unknown stage $stage (short check speed compile table2q table2 poll eval)"; exit 2 ;;
   esac
   echo "[$stage: $(( $(date +%s) - t0 )) s]"
 done
