@@ -488,7 +488,8 @@ def compile_model(model, mode):
     ``fc``. The parameters, buffers, state_dict, train()/eval() and the c/w split are the
     model's own, so checkpoints and the scripts' code are unchanged. Call it last: a deepcopy
     made afterwards would share the compiled passes of this instance. Each combination of
-    train/eval mode, gradient mode and batch shape compiles once (the first batches are slow);
+    train/eval mode, gradient mode and frozen weights compiles once, for every batch size (the
+    first batches of each are slow);
     ``mode='reduce-overhead'`` adds CUDA graphs on a GPU."""
     if not mode:
         return model
@@ -499,13 +500,27 @@ def compile_model(model, mode):
     for name in ('recompile_limit', 'cache_size_limit'):    # (modes x grad x shapes) > 8 entries
         if hasattr(config, name):
             setattr(config, name, max(getattr(config, name), 64))
-    # dynamic=False: a new batch shape (the last, smaller batch; the test batches) compiles its
-    # own static graph instead of turning every later graph into a slower shape-generic one
-    model.features = torch.compile(model.features, mode=mode, dynamic=False)
+    # One graph per phase (train/eval mode x gradient mode x weights frozen by an attack), not per
+    # batch shape: the batch dimension is symbolic, so the epoch's last, smaller batch, the
+    # evaluation batches and a process's shard reuse it (a batch of 1 specialises: its own graph).
+    # fullgraph=True: a graph break is an error, not a silent fall-back to eager code.
+    model.features = _batch_generic(torch.compile(model.features, mode=mode, fullgraph=True))
     if getattr(model, 'ase', None) is not None:
-        model.forward_heads = torch.compile(model.forward_heads, mode=mode, dynamic=False)
+        model.forward_heads = _batch_generic(torch.compile(model.forward_heads, mode=mode, fullgraph=True))
     model.compiled = mode         # attacks.pgd then traces its passes with the weights as constants
     return model
+
+
+def _batch_generic(compiled):
+    """``compiled`` called with dimension 0 of its tensor arguments (the batch) marked dynamic."""
+    import torch._dynamo
+
+    def call(*args, **kwargs):
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, torch.Tensor) and a.dim() > 0:
+                torch._dynamo.maybe_mark_dynamic(a, 0)
+        return compiled(*args, **kwargs)
+    return call
 
 
 def lr_at(epoch, base_lr, milestones, gamma=0.1):
