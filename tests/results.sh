@@ -5,14 +5,16 @@
 #     bash tests/results.sh [SEED] [DATA_DIR] [OUT]      # defaults: 8, ../shared/data, runs/results
 #     python tests/results_table.py runs/results 8
 #
-# Two queues, one per CPU core (one thread each), as the README's table ran; on a GPU drop
-# OMP_NUM_THREADS/taskset and pass --device cuda through DEV=cuda. Per method: training
-# (--quick: its own final test on the first 1,000 test images), natural accuracy on
-# the whole test set and its shifted copies, the attack table with shifted PGD on the first
-# 1,000, AutoAttack (standard) on the first 200. AELFs and JT* start from the ST row's model
-# (the --quick ST phase they would otherwise run is that same run).
+# On the CPU two queues, one per core (one thread each); with DEV=cuda every row at once on the
+# GPU (AELFs and JT* after ST), so that the three seeds can run side by side:
+#     for s in 8 9 10; do DEV=cuda bash tests/results.sh $s DATA runs/results & done; wait
+# Per method: training (--quick: its own final test on the first 1,000 test images), natural
+# accuracy on the whole test set and its shifted copies, the attack table with shifted PGD on
+# the first 1,000, AutoAttack (standard) and the per-image worst case on the first AA_SIZE
+# (default 500) for last.pt and best.pt. AELFs and JT* start from the ST row's model (the --quick
+# ST phase they would otherwise run is that same run).
 set -u
-S=${1:-8}; D=${2:-../shared/data}; R=${3:-runs/results}; DEV=${DEV:-cpu}
+S=${1:-8}; D=${2:-../shared/data}; R=${3:-runs/results}; DEV=${DEV:-cpu}; AA=${AA_SIZE:-500}
 PY=${PYTHON:-python}
 mkdir -p "$R"
 
@@ -28,12 +30,26 @@ one() {   # one() CORE NAME SCRIPT [FLAGS...]: train, then the three evaluations
         --no-shift-attack --json "$o.nat.json" > "$o.nat.log" 2>&1 || { echo "$name: see $o.nat.log"; return 1; }
     "${pin[@]}" $PY eval.py --ckpt "$o/last.pt" --data-dir "$D" --device "$DEV" --test-size 1000 --shift 8 \
         --json "$o.eval.json" > "$o.eval.log" 2>&1 || { echo "$name: see $o.eval.log"; return 1; }
-    "${pin[@]}" $PY eval.py --ckpt "$o/last.pt" --data-dir "$D" --device "$DEV" --test-size 200 --autoattack \
-        --json "$o.aa.json" > "$o.aa.log" 2>&1 || { echo "$name: see $o.aa.log"; return 1; }
+    "${pin[@]}" $PY eval.py --ckpt "$o/last.pt" "$o/best.pt" --data-dir "$D" --device "$DEV" --test-size "$AA" \
+        --autoattack --json "$o.aa.json" > "$o.aa.log" 2>&1 || { echo "$name: see $o.aa.log"; return 1; }
     echo "$name done: $(tail -n 1 "$o.log")"
 }
 
 ST=$R/st-s$S/last.pt
+if [ "$DEV" != cpu ]; then
+  export OMP_NUM_THREADS=1
+  ( one 0 st train_at.py --standard
+    one 0 aelfs train_aelfs.py --init "$ST" &
+    one 0 jtstar train_jt.py --init "$ST" &
+    wait ) &
+  for row in "at train_at.py" "aelf train_aelf.py" "trades train_trades.py" "jt train_jt.py" \
+             "again train_again.py" "at-id train_att_id.py"; do
+    one 0 $row &
+  done
+  wait
+  echo "all runs in $R: python tests/results_table.py $R $S"
+  exit 0
+fi
 ( one 0 st train_at.py --standard
   one 0 aelfs train_aelfs.py --init "$ST"
   one 0 jtstar train_jt.py --init "$ST"

@@ -7,7 +7,7 @@ training PGD, PGD-20 and CW-inf on the first 1,000 test images, AutoAttack (stan
 per-image worst case over every attack on the first 200, natural and PGD accuracy on the up /
 down-shifted copies (AELF Table 2's N(U), N(D)), training time (the run's training images at
 the median epoch's images per second in log.jsonl), and the paper's numbers for orientation
-(another protocol). With two seeds each cell is their mean and half their difference. AGAIN's PGD-20 is the strongest of its PGD-20 columns (the both-heads and
+(another protocol). With several seeds each cell is their mean and half their range. AGAIN's PGD-20 is the strongest of its PGD-20 columns (the both-heads and
 BPDA attacks; main-only PGD cannot see through its argmax), its main-only PGD-20 in brackets.
 A second table gives AutoAttack's breakdown per run.
 """
@@ -29,11 +29,14 @@ ROWS = [  # name in the folder, label, paper numbers (natural / PGD, their table
 ]
 
 
-def load(path):
+def load(path, ckpt='last.pt'):
+    """The row of ``ckpt`` (last.pt or best.pt) in an eval.py --json file; None if absent."""
     if not os.path.exists(path):
         return None
     with open(path) as f:
-        return json.load(f)['rows'][0]
+        rows = json.load(f)['rows']
+    rows = [r for r in rows if os.path.basename(r['ckpt']) == ckpt] or (rows[:1] if ckpt == 'last.pt' else [])
+    return rows[0] if rows else None
 
 
 def numbers(folder, name, seed):
@@ -66,7 +69,7 @@ def numbers(folder, name, seed):
         'cw': ev['cw20_acc'],
         'aa': aa and aa['autoattack_acc'],                  # '-' where AutoAttack was not run
         'worst': aa['worst_acc'] if aa else ev['worst_acc'],
-        'worst_on': 200 if aa else 1000,
+        'worst_on': aa['test_images'] if aa else 1000,
         'nat_u': nat['shift']['N(U)']['natural'], 'nat_d': nat['shift']['N(D)']['natural'],
         'adv_u': ev['shift']['N(U)']['adversarial'], 'adv_d': ev['shift']['N(D)']['adversarial'],
         'minutes': images / rate / 60, 'img_s': rate, 'wall': wall,
@@ -89,7 +92,10 @@ def main(argv):
     if not argv:
         sys.exit(__doc__)
     folder, seeds = argv[0], argv[1:] or ['8']
-    head = ['method', 'nat (10,000)', 'PGD-16 (train)', 'PGD-20', 'CW-inf', 'AA (200)', 'worst (200; no AA: 1,000)',
+    aa_on = sorted({r['worst_on'] for name, _, _ in ROWS for s in seeds
+                    for r in [numbers(folder, name, s)] if r and r['worst_on'] != 1000}) or [200]
+    aa_on = '/'.join(map(str, aa_on))
+    head = ['method', 'nat (10,000)', 'PGD-16 (train)', 'PGD-20', 'CW-inf', f'AA ({aa_on})', f'worst ({aa_on}; no AA: 1,000)',
             'nat N(U) / N(D)', 'PGD-16 N(U) / N(D)', 'train min', 'paper (another protocol)']
     print('| ' + ' | '.join(head) + ' |')
     print('|' + '---|' * len(head))
@@ -100,7 +106,7 @@ def main(argv):
             continue
         if len({r['worst_on'] for r in done}) > 1:      # a seed without AutoAttack: its worst is on 1,000
             for r in done:
-                r['worst'] = r['worst'] if r['worst_on'] == 200 else None
+                r['worst'] = r['worst'] if r['worst_on'] != 1000 else None
         col = {k: cell([r and r[k] for r in runs], 0 if k in ('img_s', 'wall') else 1) for k in done[0] if k != 'worst_on'}
         adaptive = col['pgd20_main'] != '-'      # AGAIN: eval.py's PGD columns attack the main head only
         pgd20 = col['pgd20'] + (f" ({col['pgd20_main']} main-only)" if adaptive else '')
@@ -109,8 +115,20 @@ def main(argv):
               f"{col['worst']} | {col['nat_u']} / {col['nat_d']} | {col['adv_u']} / {col['adv_d']} | "
               f"{col['minutes']} | {paper} |")
     if len(seeds) > 1:
-        print(f'\nWith seeds {", ".join(seeds)}: mean ± half the difference; ¹ one seed only (the other not run).')
-    print('\nAutoAttack, robust accuracy (%) left after each of its attacks (first 200 test images):\n')
+        print(f'\nWith seeds {", ".join(seeds)}: mean ± half the range (max - min) / 2; ¹ one seed only (the others not run).')
+    best_rows = []
+    for name, label, _ in ROWS:
+        best = [load(os.path.join(folder, f'{name}-s{s}.aa.json'), 'best.pt') for s in seeds]
+        if any(best):
+            best_rows.append(f"| {label.split(' (')[0]} | {'/'.join(str(b['epoch']) if b else '-' for b in best)} | "
+                             + ' | '.join(cell([b and b[k] for b in best]) for k in
+                                          ('natural_acc', 'pgd20_acc', 'autoattack_acc', 'worst_acc')) + ' |')
+    if best_rows:
+        print(f'\nbest.pt (the epoch of the best val_worst), first {aa_on} test images:\n')
+        print('| method | epoch (per seed) | natural | PGD-20 | AA | worst |')
+        print('|---|---|---|---|---|---|')
+        print('\n'.join(best_rows))
+    print(f'\nAutoAttack, robust accuracy (%) left after each of its attacks (first {aa_on} test images, last.pt):\n')
     stages = ['clean', 'apgd-ce', 'apgd-t', 'fab-t', 'square']
     print('| method, seed | ' + ' | '.join(['clean'] + [f'after {a.upper()}' for a in stages[1:]]) + ' |')
     print('|' + '---|' * (len(stages) + 1))
