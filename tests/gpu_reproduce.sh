@@ -21,6 +21,8 @@
 #            fp32 and --amp, after their eager rows in `speed`                      ~8 min
 #   table2   starts ST, AT, JT, AELFs, TRADES and AELF at the paper protocol
 #            (the scripts' defaults, seed 8) side by side in the background (setsid)
+#   results  the README's Results table (tests/results.sh, every row of seeds 8, 9 and 10 at
+#            once) in the background (setsid); `results_poll` brings back its table and files
 #   poll     one line per table-2 run (its last epoch), and their logs into $OUT
 #   eval     eval.py --shift 8 (whole test set) and --autoattack (first 1,000) for every
 #            finished table-2 run, in the background; `poll` brings the results back
@@ -159,7 +161,18 @@ for stage in "$@"; do
     done
     tar czf "$OUT/table2.tar.gz" runs/table2/*.out runs/table2/*.json runs/table2/*/log.jsonl \
         runs/table2/*/final.json 2>/dev/null ;;
-  *) echo "unknown stage $stage (short check speed compile table2q table2 poll eval)"; exit 2 ;;
+  results)
+    mkdir -p runs/results
+    for s in 8 9 10; do
+      DEV=$DEV PYTHON=$PY setsid nohup bash tests/results.sh $s "$DATA" runs/results > runs/results/seed$s.out 2>&1 < /dev/null &
+    done
+    echo "results: started in the background; bash tests/gpu_reproduce.sh results_poll" | tee "$OUT/results.log" ;;
+  results_poll)
+    { date; tail -n 3 runs/results/seed*.out; } | tee "$OUT/results.log"
+    $PY tests/results_table.py runs/results 8 9 10 > "$OUT/results_table.md" 2>&1
+    tar czf "$OUT/results.tar.gz" runs/results/*.json runs/results/*.log runs/results/*.out \
+        runs/results/*/log.jsonl runs/results/*/final.json 2>/dev/null ;;
+  *) echo "unknown stage $stage (short check speed compile table2q table2 poll eval results results_poll)"; exit 2 ;;
   esac
   echo "[$stage: $(( $(date +%s) - t0 )) s]"
 done
