@@ -83,7 +83,7 @@ def parse_args(argv=None):
         p = protocol(args.dataset, args.mode)
         if args.quick:       # the results table's row: the other methods' model, optimiser and PGD
             p.update(model='cnn_b', optimizer='sgd', lr=0.1, momentum=0.9, weight_decay=5e-4,
-                     batch_size=128, eps=0.3, steps=16, step_size=0.02, random_start=False)
+                     batch_size=128, steps=16, random_start=False)
         if args.optimizer is not None and args.optimizer != p['optimizer']:
             # the other optimiser's own lr and weight decay (never Adam's lr 1e-4 under SGD):
             # SGD as in the AELF protocol (lr 0.1, momentum 0.9, wd 5e-4), Adam as in Madry's MNIST
