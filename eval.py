@@ -25,6 +25,7 @@ Models are rebuilt from the name and constructor arguments stored in each checkp
 dataset and image size they were trained on.
 """
 import argparse
+import copy
 import json
 import logging
 import re
@@ -827,6 +828,16 @@ def attention_maps_png(paths, args, device, filename):
     return filename
 
 
+def same_model(a, b):
+    """Whether checkpoints ``a`` and ``b`` hold the same model, trained with the same flags (which
+    set the attack eval.py uses): a run's best.pt when its best epoch was the last."""
+    ca, cb = common.load_checkpoint(a), common.load_checkpoint(b)
+    sa, sb = ca['state_dict'], cb['state_dict']
+    return (ca['model'] == cb['model'] and ca.get('model_kwargs') == cb.get('model_kwargs')
+            and ca['args'] == cb['args']
+            and sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa))
+
+
 @common.main_guard
 def main(argv=None):
     args = parse_args(argv)
@@ -836,7 +847,15 @@ def main(argv=None):
         if getattr(args, name):
             setattr(args, name, common.resolve_checkpoint(getattr(args, name)))
     device = common.get_device(args.device)
-    rows = [evaluate(path, args, device) for path in args.ckpt]
+    rows = []
+    for path in args.ckpt:
+        twin = next((r for r in rows if same_model(r['ckpt'], path)), None)
+        if twin is None:
+            rows.append(evaluate(path, args, device))
+        else:     # best.pt of a run whose last epoch was its best: every attack is seeded, the same row
+            print(f"  {path}: the same weights as {twin['ckpt']}: its row, not evaluated again",
+                  file=sys.stderr, flush=True)
+            rows.append({**copy.deepcopy(twin), 'ckpt': path, 'same_weights_as': twin['ckpt']})
     if not args.no_table:
         print(markdown(rows))
     if args.shift:

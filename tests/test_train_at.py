@@ -12,6 +12,7 @@ import time
 import torch
 
 import common
+import eval as evaluation
 from conftest import QUICK, ROOT, THREADS, read_log, run_ok, run_process, run_script
 
 
@@ -42,6 +43,23 @@ def test_at_and_st_write_run_folder_and_eval_reads_it(data_dir, tmp_path, quick_
     for r in rows:
         assert r['pgd20_acc'] <= r['natural_acc'] + 1e-6
         assert 'pgd(0.1,3,0.05)_acc' in r
+
+
+def test_eval_gives_best_pt_with_last_pts_weights_last_pts_row_without_attacking_again(quick_runs, data_dir, tmp_path):
+    at, st = quick_runs['at'][0], quick_runs['st'][0]       # 1 epoch: best.pt is last.pt's model
+    ckpt = common.load_checkpoint(str(at / 'last.pt'))
+    ckpt['state_dict']['fc.bias'] = ckpt['state_dict']['fc.bias'] + 1e-6        # one tensor differs
+    torch.save(ckpt, tmp_path / 'nudged.pt')
+    assert evaluation.same_model(str(at / 'last.pt'), str(at / 'best.pt'))
+    assert not evaluation.same_model(str(at / 'last.pt'), str(tmp_path / 'nudged.pt'))
+    js = tmp_path / 'eval.json'
+    proc = run_ok('eval.py', '--ckpt', at / 'last.pt', at / 'best.pt', st / 'last.pt', tmp_path / 'nudged.pt',
+                  '--data-dir', data_dir, '--test-size', '16', '--json', js, '--device', 'cpu')
+    rows = json.loads(js.read_text())['rows']
+    assert proc.stderr.count('the same weights as') == 1 and f"{at / 'best.pt'}: PGD-20" not in proc.stderr
+    assert rows[1].pop('same_weights_as') == rows[0]['ckpt'] and rows[1].pop('ckpt') != rows[0].pop('ckpt')
+    assert rows[1] == rows[0]                                       # seeded attacks: the same row
+    assert 'same_weights_as' not in rows[2] and 'same_weights_as' not in rows[3]
 
 
 def test_finished_run_is_never_silently_overwritten(data_dir, tmp_path):
@@ -346,17 +364,24 @@ def test_quick_is_the_results_table_protocol_and_every_flag_overrides_it(data_di
     a = __import__('train_at').parse_args(['--quick'])
     assert (a.width, a.train_size, a.epochs, a.milestones) == (q['width'], q['train_size'], q['epochs'], q['milestones'])
     assert (a.test_size, a.val_size) == (1000, 1000)     # the final test on the first 1,000 test images
-    assert (a.eps, a.steps, a.step_size, a.model) == (0.3, 16, 0.02, 'cnn_b')      # the paper's PGD, model
+    # the papers' 16 steps of eps/15, at eps 0.2 (not 0.3: masked gradients at this length)
+    assert (a.eps, a.steps, a.step_size, a.model) == (0.2, 16, 0.0133, 'cnn_b')
+    assert __import__('train_at').parse_args([]).eps == 0.3                          # the paper's
     b = __import__('train_at').parse_args(['--quick', '--epochs', '3', '--width', '0.5'])
     assert (b.epochs, b.width, b.train_size) == (3, 0.5, 8000)
     s = train_aelfs.parse_args(['--quick'])
     assert (s.st_epochs, s.st_milestones) == (q['epochs'], q['milestones'])       # ST phase included
     i = train_att_id.parse_args(['--quick'])                                        # the table's row
     assert (i.model, i.optimizer, i.lr, i.batch_size, i.steps, i.random_start) == ('cnn_b', 'sgd', 0.1, 128, 16, False)
+    assert (i.eps, i.step_size) == (0.2, 0.0133)
+    for script in ('train_jt', 'train_trades', 'train_aelf', 'train_again'):         # every row's PGD
+        m = __import__(script).parse_args(['--quick'])
+        assert (m.eps, m.steps, m.step_size) == (0.2, 16, 0.0133), script
     assert 'MNIST preset' in one_line_error(run_script('train_at.py', '--quick', '--dataset', 'cifar10'))
     proc = run_ok('train_at.py', '--quick', '--data-dir', data_dir, '--out', tmp_path / 'q', '--train-size', '32',
                   '--epochs', '1', '--val-size', '16', '--test-size', '16', '--steps', '1', '--device', 'cpu')
     assert "--quick: a small MNIST protocol" in proc.stdout and "not the paper's" in proc.stdout
+    assert 'eps 0.2' in proc.stdout and "(its eps: 0.3)" in proc.stdout      # the departure, said
     assert common.load_checkpoint(str(tmp_path / 'q' / 'last.pt'))['model_kwargs']['width'] == 0.25
 
 
