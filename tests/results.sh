@@ -15,23 +15,29 @@
 # ST phase they would otherwise run is that same run).
 set -u
 S=${1:-8}; D=${2:-../shared/data}; R=${3:-runs/results}; DEV=${DEV:-cpu}; AA=${AA_SIZE:-500}
+FLAGS=${FLAGS:-}   # added to every training run, e.g. FLAGS="--eps 0.3 --step-size 0.02"
 PY=${PYTHON:-python}
 mkdir -p "$R"
 
-one() {   # one() CORE NAME SCRIPT [FLAGS...]: train, then the three evaluations
+one() {   # one() CORE NAME SCRIPT [FLAGS...]: train, then the three evaluations; a step whose
+          # output exists is skipped, a training cut short resumes, so a stopped queue restarts
     local core=$1 name=$2; shift 2
-    local o=$R/$name-s$S pin=()
+    local o=$R/$name-s$S pin=() resume=()
     [ "$DEV" = cpu ] && pin=(env OMP_NUM_THREADS=1 taskset -c "$core")
     if [ ! -f "$o/final.json" ]; then
-        "${pin[@]}" $PY "$@" --quick --data-dir "$D" --seed "$S" --device "$DEV" --out "$o" > "$o.log" 2>&1 ||
-            { echo "$name: training failed, see $o.log"; return 1; }
+        [ -f "$o/last.pt" ] && resume=(--resume)
+        "${pin[@]}" $PY "$@" --quick $FLAGS --data-dir "$D" --seed "$S" --device "$DEV" --out "$o" \
+            "${resume[@]}" >> "$o.log" 2>&1 || { echo "$name: training failed, see $o.log"; return 1; }
     fi
-    "${pin[@]}" $PY eval.py --ckpt "$o/last.pt" --data-dir "$D" --device "$DEV" --no-table --shift 8 \
-        --no-shift-attack --json "$o.nat.json" > "$o.nat.log" 2>&1 || { echo "$name: see $o.nat.log"; return 1; }
-    "${pin[@]}" $PY eval.py --ckpt "$o/last.pt" --data-dir "$D" --device "$DEV" --test-size 1000 --shift 8 \
-        --json "$o.eval.json" > "$o.eval.log" 2>&1 || { echo "$name: see $o.eval.log"; return 1; }
-    "${pin[@]}" $PY eval.py --ckpt "$o/last.pt" "$o/best.pt" --data-dir "$D" --device "$DEV" --test-size "$AA" \
-        --autoattack --json "$o.aa.json" > "$o.aa.log" 2>&1 || { echo "$name: see $o.aa.log"; return 1; }
+    [ -f "$o.nat.json" ] || "${pin[@]}" $PY eval.py --ckpt "$o/last.pt" --data-dir "$D" --device "$DEV" \
+        --no-table --shift 8 --no-shift-attack --json "$o.nat.json" > "$o.nat.log" 2>&1 ||
+        { echo "$name: see $o.nat.log"; return 1; }
+    [ -f "$o.eval.json" ] || "${pin[@]}" $PY eval.py --ckpt "$o/last.pt" --data-dir "$D" --device "$DEV" \
+        --test-size 1000 --shift 8 --json "$o.eval.json" > "$o.eval.log" 2>&1 ||
+        { echo "$name: see $o.eval.log"; return 1; }
+    [ -f "$o.aa.json" ] || "${pin[@]}" $PY eval.py --ckpt "$o/last.pt" "$o/best.pt" --data-dir "$D" \
+        --device "$DEV" --test-size "$AA" --autoattack --json "$o.aa.json" > "$o.aa.log" 2>&1 ||
+        { echo "$name: see $o.aa.log"; return 1; }
     echo "$name done: $(tail -n 1 "$o.log")"
 }
 
