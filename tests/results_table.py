@@ -99,6 +99,7 @@ def main(argv):
             'nat N(U) / N(D)', 'PGD-16 N(U) / N(D)', 'train min', 'paper (another protocol)']
     print('| ' + ' | '.join(head) + ' |')
     print('|' + '---|' * len(head))
+    lines = []
     for name, label, paper in ROWS:
         runs = [numbers(folder, name, s) for s in seeds]            # None: that seed not run
         done = [r for r in runs if r]
@@ -111,11 +112,13 @@ def main(argv):
         adaptive = col['pgd20_main'] != '-'      # AGAIN: eval.py's PGD columns attack the main head only
         pgd20 = col['pgd20'] + (f" ({col['pgd20_main']} main-only)" if adaptive else '')
         pgd_train = col['pgd_train'] + (' (main-only)' if adaptive else '')
-        print(f"| {label} | {col['nat']} | {pgd_train} | {pgd20} | {col['cw']} | {col['aa']} | "
-              f"{col['worst']} | {col['nat_u']} / {col['nat_d']} | {col['adv_u']} / {col['adv_d']} | "
-              f"{col['minutes']} | {paper} |")
+        lines.append(f"| {label} | {col['nat']} | {pgd_train} | {pgd20} | {col['cw']} | {col['aa']} | "
+                     f"{col['worst']} | {col['nat_u']} / {col['nat_d']} | {col['adv_u']} / {col['adv_d']} | "
+                     f"{col['minutes']} | {paper} |")
+    print('\n'.join(lines))
     if len(seeds) > 1:
-        print(f'\nWith seeds {", ".join(seeds)}: mean ± half the range (max - min) / 2; ¹ one seed only (the others not run).')
+        one_seed = '; ¹ one seed only (the others not run)' if any('¹' in line for line in lines) else ''
+        print(f'\nWith seeds {", ".join(seeds)}: mean ± half the range (max - min) / 2{one_seed}.')
     best_rows = []
     for name, label, _ in ROWS:
         best = [load(os.path.join(folder, f'{name}-s{s}.aa.json'), 'best.pt') for s in seeds]

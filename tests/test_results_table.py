@@ -37,3 +37,11 @@ def test_three_seeds_aa_on_500_and_best_pt_in_its_own_table(tmp_path, capsys):
     (best,) = [line for line in out.splitlines() if line.startswith('| AT | 1/1/1 |')]
     assert '| 52.0±2.0 | 52.0±2.0 |' in best               # best.pt's AutoAttack, not last.pt's
     assert 'first 500 test images, last.pt' in out and '| AT, 10 | 98.0 | 63.0 | 62.0 |' in out
+    assert '¹' not in out                                  # every seed ran: no one-seed mark, no footnote
+
+
+def test_a_seed_not_run_is_marked_and_footnoted(tmp_path, capsys):
+    _write(tmp_path, 'at', 8, 60.0, 50.0)
+    results_table.main([str(tmp_path), '8', '9'])
+    out = capsys.readouterr().out
+    assert '| 60.0¹ |' in out and '¹ one seed only' in out
