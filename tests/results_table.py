@@ -125,11 +125,11 @@ def main(argv):
         if any(best):
             best_rows.append(f"| {label.split(' (')[0]} | {'/'.join(str(b['epoch']) if b else '-' for b in best)} | "
                              + ' | '.join(cell([b and b[k] for b in best]) for k in
-                                          ('natural_acc', 'pgd20_acc', 'autoattack_acc', 'worst_acc')) + ' |')
+                                          ('natural_acc', 'autoattack_acc', 'worst_acc')) + ' |')
     if best_rows:
         print(f'\nbest.pt (the epoch of the best val_worst), first {aa_on} test images:\n')
-        print('| method | epoch (per seed) | natural | PGD-20 | AA | worst |')
-        print('|---|---|---|---|---|---|')
+        print('| method | epoch (per seed) | natural | AA | worst |')
+        print('|---|---|---|---|---|')
         print('\n'.join(best_rows))
     print(f'\nAutoAttack, robust accuracy (%) left after each of its attacks (first {aa_on} test images, last.pt):\n')
     stages = ['clean', 'apgd-ce', 'apgd-t', 'fab-t', 'square']
