@@ -130,6 +130,9 @@ def parse_args(argv=None):
                     f"version's attacks ({','.join(known)})")
         if not args.autoattack:
             p.error('--aa-attacks needs --autoattack')
+    if args.no_table and (args.autoattack or args.pgd):
+        p.error(f"{'--autoattack' if args.autoattack else '--pgd'} is a column of the attack table, "
+                f"which --no-table skips: drop --no-table")
     return args
 
 

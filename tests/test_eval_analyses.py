@@ -240,7 +240,9 @@ def test_autoattack_flags_and_table(data_dir, tmp_path, quick_runs):
     assert row['autoattack_breakdown']['apgd-ce'] == pytest.approx(row['autoattack_acc'])
     assert row['worst_acc'] <= min(row['autoattack_acc'], row['pgd20_acc'], row['natural_acc'])
     for bad, words in [(['--autoattack', '--aa-attacks', 'square,bogus'], 'bogus'),
-                       (['--autoattack', '--autoattack-version', 'rand', '--aa-attacks', 'square'], 'rand')]:
+                       (['--autoattack', '--autoattack-version', 'rand', '--aa-attacks', 'square'], 'rand'),
+                       (['--autoattack', '--no-table'], 'drop --no-table'),      # else nothing ran, silently
+                       (['--pgd', '0.1', '10', '0.01', '--no-table'], 'drop --no-table')]:
         proc = run_script('eval.py', '--ckpt', ckpt, '--data-dir', data_dir, *bad)
         assert proc.returncode != 0 and words in proc.stderr and 'Traceback' not in proc.stderr, proc.stderr
 
