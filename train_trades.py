@@ -41,7 +41,8 @@ def parse_args(argv=None):
     common.add_common_args(parser)
     parser.add_argument('--beta', type=float, help='weight of the KL term (6 on CIFAR, 1 on MNIST)')
     parser.add_argument('--init-noise', type=float, default=0.001,
-                        help='std of the Gaussian start of the TRADES attack')
+                        help='std of the Gaussian start x + init_noise N(0, I) of the TRADES training '
+                             'attack (Alg. 1); --random-start changes only the validation and test PGD')
 
     def resolve(args):
         args = common.finish_args(parser, args, common.aelf_protocol(args.dataset, args.model))
@@ -98,8 +99,10 @@ def main(argv=None):
     def test_attack(m, x, y):   # the test uses the protocol's CE PGD, like every other method
         return pgd(m, x, y, args.eps, args.steps, args.step_size, args.random_start)
 
+    kl_attack = common.attack_summary(argparse.Namespace(**{**vars(args), 'random_start': False}))
     print(f"TRADES on {args.dataset} ({common.data_summary(train_set, val_set, test_set)}), "
-          f"{common.describe(model.arch_name, model.arch_kwargs)}, KL-{common.attack_summary(args)}, "
+          f"{common.describe(model.arch_name, model.arch_kwargs)}, KL-{kl_attack} from x + "
+          f"{args.init_noise:g} N(0, I){', test PGD from a random start' if args.random_start else ''}, "
           f"beta {args.beta}, {device}", flush=True)
     channels_last = common.use_channels_last(device)
     steps_per_epoch = -(-len(train_set) // args.batch_size)

@@ -181,6 +181,16 @@ def test_trades_defaults_and_end_to_end(data_dir, tmp_path):
     run_ok('eval.py', '--ckpt', tmp_path / 't' / 'last.pt', '--data-dir', data_dir, '--test-size', '16')
 
 
+def test_trades_start_up_line_names_the_kl_attacks_own_start_not_random_start(data_dir, tmp_path):
+    # --random-start moves only the validation/test PGD: TRADES' training attack keeps Alg. 1's
+    # x + 0.001 N(0, I), and the start-up line must not say the KL-PGD starts at random
+    out = run_ok('train_trades.py', '--data-dir', data_dir, '--out', tmp_path / 't', *QUICK,
+                 '--random-start').stdout
+    line = next(l for l in out.splitlines() if l.startswith('TRADES on'))
+    assert 'KL-PGD(' in line and ', rand)' not in line, line
+    assert 'from x + 0.001 N(0, I), test PGD from a random start' in line, line
+
+
 def algorithm_1_step(model, x, y, eps, steps, step_size, beta, noise):
     """One training step of the TRADES paper's Algorithm 1, written out independently of
     train_trades.py: x' = x + 0.001 N(0, I) used as is; K steps of x' <- Pi(x' + eta sign(grad of
