@@ -257,14 +257,18 @@ def test_a_real_small_filesystem_that_fills_up(data_dir, tmp_path):
 # ------------------------------------------------------------------------ SIGTERM and Ctrl-C
 
 def test_sigterm_and_sigint_release_the_lock_and_say_how_to_resume(data_dir, tmp_path):
-    base = [*BASE, '--data-dir', data_dir, '--epochs', '500', '--train-size', '64']
+    # runs far longer than the test (500 epochs, about a minute, once finished before their
+    # signal on a loaded machine), each signalled as soon as both have logged epoch 2
+    base = [*BASE, '--data-dir', data_dir, '--epochs', '100000', '--train-size', '64']
     cases = {'SIGTERM': (signal.SIGTERM, 143), 'SIGINT': (signal.SIGINT, 130)}
     procs = {name: _start('train_at.py', *base, '--out', tmp_path / name) for name in cases}   # side by side
+    for name in cases:
+        _wait_for(tmp_path / name / 'log.jsonl', procs[name], content='"epoch": 2')
+    for name, (sig, _) in cases.items():
+        procs[name].send_signal(sig)
     lines = {}
     for name, (sig, code) in cases.items():
         out, proc = tmp_path / name, procs[name]
-        _wait_for(out / 'log.jsonl', proc, content='"epoch": 2')
-        proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == code and 'Traceback' not in err, err
         lines[name] = [l for l in err.splitlines() if l.strip()][-1]
