@@ -97,7 +97,7 @@ def test_compiled_passes_equal_eager_ones(pair):
     _close(adv[0], adv[1], 'PGD examples')
 
     # a training pass through the c/w split (features, then fc), as every script but AGAIN
-    # writes it (AGAIN's forward_heads compiled: test_again_with_awp_trains_compiled)
+    # writes it (AGAIN's forward_heads compiled: AGAIN-MART-AWP in test_every_script_trains_compiled_...)
     for m in pair:
         m.train()
         m.zero_grad()
@@ -218,7 +218,9 @@ def phases(monkeypatch):
 COMPILED_RUNS = {
     'train_at.py': [], 'train_jt.py': [], 'train_jt.py*': ['--beta', '0.1'],
     'train_trades.py': [], 'train_aelf.py': [], 'train_aelfs.py': ['--st-epochs', '1'],
-    'train_again.py': [], 'train_att_id.py': [],
+    # AGAIN on MART with AWP from the first epoch: a model with a copy (AWP's proxy, made before
+    # compile_model) and an ASE head
+    'train_again.py': ['--base', 'mart', '--awp-gamma', '0.005', '--awp-warmup', '0'], 'train_att_id.py': [],
 }
 
 
@@ -241,6 +243,7 @@ def test_every_script_trains_compiled_with_one_graph_per_phase(script, data_dir,
     assert any(key[2:] == (True, True, True, False) for key in keys), f'no training pass compiled: {keys}'
     repeated = [(key, [b for k, b in phases if k == key]) for key in set(keys) if keys.count(key) > 1]
     assert not repeated, f'a phase compiled again for another batch: {repeated}'
+    assert common.load_checkpoint(str(tmp_path / 'compiled' / 'last.pt'))['args']['compile'] == 'default'
     eager, compiled = logs
     assert len(eager) == len(compiled)
     for e, c in zip(eager, compiled):
@@ -265,18 +268,3 @@ def test_eval_compile_gives_the_eager_table(data_dir, quick_runs, aot_eager):
         assert (counters['stats']['unique_graphs'] > before) == bool(extra)
     for key in ('natural_acc', 'pgd_train_acc', 'pgd20_acc', 'cw20_acc'):
         assert abs(rows[0][key] - rows[1][key]) <= 100 / 32 + 1e-9, key
-
-
-def test_again_with_awp_trains_compiled(data_dir, tmp_path, aot_eager):
-    """The script whose model has a copy (AGAIN-AWP's proxy, made before compile_model) and an
-    ASE head, end to end under --compile: it compiles, finishes and logs finite losses."""
-    from torch._dynamo.utils import counters
-    from conftest import QUICK, read_log, run_ok
-    out = tmp_path / 'again'
-    before = counters['stats']['unique_graphs']
-    run_ok('train_again.py', '--data-dir', data_dir, '--out', out, *QUICK, '--base', 'mart',
-           '--awp-gamma', '0.005', '--awp-warmup', '0', '--compile')     # bare: 'default'
-    assert counters['stats']['unique_graphs'] > before, 'the script compiled nothing'
-    (rec,) = read_log(out)
-    assert torch.isfinite(torch.tensor(rec['train_loss'])) and 'again_steps' in rec
-    assert common.load_checkpoint(str(out / 'last.pt'))['args']['compile'] == 'default'
