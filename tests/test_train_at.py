@@ -137,11 +137,18 @@ def test_every_script_prints_its_help(monkeypatch, capsys):
         assert '--compile' in proc.stdout, script          # README "Speed": every script has it
 
 
+def _default_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(script, *args):
-    # the same environment as run_script (thread count included: results must match bitwise)
+    # the same environment as run_script (thread count included: results must match bitwise).
+    # SIGINT at its default, as under a terminal's Ctrl-C: a suite run as a background job
+    # (`pytest &`, nohup) ignores SIGINT and its children would inherit that
     env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS=THREADS)
     return subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)
 
 
 def _wait_for(path, proc, seconds=120, content=''):
