@@ -60,19 +60,21 @@ def main_guard(main):
     @functools.wraps(main)
     def wrapper(argv=None):
         # torchrun: the processes other than rank 0 print nothing (the flags, the run folder
-        # and the errors are rank 0's too) but a traceback of their own
+        # and the errors are rank 0's too) but a traceback of their own, and the first process
+        # of every other node its one-line error (its own disk may lack the data, its node the
+        # GPUs): "error (rank R): ...", the line torchrun's report of a failed rank leaves out
         quiet = os.environ.get('RANK', '0') not in ('', '0')
         streams = sys.stdout, sys.stderr
         if quiet:
             sys.stdout = sys.stderr = open(os.devnull, 'w')
         try:
-            return guarded(argv)
+            return guarded(argv, streams[1] if quiet and os.environ.get('LOCAL_RANK') == '0' else None)
         finally:
             if quiet:
                 sys.stdout.close()
                 sys.stdout, sys.stderr = streams
 
-    def guarded(argv):
+    def guarded(argv, node_errors):
         held, runs = len(FolderLock.held), len(Run.active)
         script = os.path.basename(getattr(sys.modules.get(main.__module__), '__file__', None) or 'script.py')
         COMMAND[:] = [script, *map(str, sys.argv[1:] if argv is None else argv)]
@@ -82,6 +84,8 @@ def main_guard(main):
             return main(argv)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
+            if node_errors:
+                print(f"error (rank {os.environ['RANK']}): {e}", file=node_errors, flush=True)
             sys.exit(2)
         except KeyboardInterrupt as e:
             name = 'SIGTERM' if isinstance(e, Terminated) else 'SIGINT'
@@ -300,7 +304,7 @@ class Distributed:
     def all_reduce(self, tensor):
         """Sum ``tensor`` over the processes, in place (a no-op for one process)."""
         if self.active:
-            torch.distributed.all_reduce(tensor)
+            self._together(torch.distributed.all_reduce, tensor)
         return tensor
 
     def broadcast(self, obj):
@@ -308,8 +312,19 @@ class Distributed:
         if not self.active:
             return obj
         box = [obj if self.main else None]
-        torch.distributed.broadcast_object_list(box, src=0)
+        self._together(torch.distributed.broadcast_object_list, box, src=0)
         return box[0]
+
+    @staticmethod
+    def _together(collective, *args, **kwargs):
+        """A collective; when it fails (most often a process that stopped: gloo's "Connection
+        closed by peer"), one line instead of a traceback on every other process."""
+        try:
+            collective(*args, **kwargs)
+        except RuntimeError as e:
+            reason = re.sub(r'^\[[^\]]*\]\s*', '', (str(e).strip().splitlines() or [type(e).__name__])[0])[:200]
+            raise UserError(f"the run's processes lost each other, most often because one stopped "
+                            f"(its line 'error (rank R): ...' or its traceback says why): {reason}") from None
 
 
 DIST = Distributed()
@@ -324,9 +339,10 @@ def setup_distributed(device_name):
     DIST.rank, DIST.local_rank, DIST.world = int(os.environ['RANK']), int(os.environ['LOCAL_RANK']), world
     device = get_device(device_name)
     if device.type == 'cuda':
-        if DIST.local_rank >= torch.cuda.device_count():
-            raise UserError(f"--nproc-per-node asks for {DIST.local_rank + 1}+ processes but this node "
-                            f"has {torch.cuda.device_count()} GPUs: one process per GPU")
+        local_world = int(os.environ.get('LOCAL_WORLD_SIZE', DIST.local_rank + 1))
+        if local_world > torch.cuda.device_count():     # said alike by every process of the node
+            raise UserError(f"--nproc-per-node {local_world} asks for a GPU per process but this node "
+                            f"has {torch.cuda.device_count()}: at most {torch.cuda.device_count()}")
         device = torch.device('cuda', DIST.local_rank)
         torch.cuda.set_device(device)
     if not torch.distributed.is_initialized():

@@ -16,6 +16,7 @@ float summation order (1e-4 after a few steps here), which is what these tests c
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import types
@@ -142,6 +143,48 @@ def test_every_script_runs_under_torchrun(launched, script):
     assert (out / 'last.pt').is_file() and (out / 'final.json').is_file(), proc.stderr[-3000:]
     assert len(read_log(out)) == 1
     assert not (out / '.lock').exists()
+
+
+def test_a_process_that_fails_alone_ends_the_run_with_its_line_and_the_others_with_one(data_dir, tmp_path):
+    """Two nodes of one process each (torchrun's environment, set by hand), the second without
+    the data on its disk: both stop within seconds, each with one line: the second its own
+    error, naming its rank, the first that it lost the other (gloo's closed connection)."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank, data in ((0, data_dir), (1, tmp_path / 'no-data-on-this-node')):
+        env = dict(os.environ, OMP_NUM_THREADS='1', MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port),
+                   WORLD_SIZE='2', RANK=str(rank), LOCAL_RANK='0', LOCAL_WORLD_SIZE='1')
+        procs.append(subprocess.Popen([sys.executable, str(ROOT / 'train_at.py'), *map(str, QUICK),
+                                       '--data-dir', str(data), '--out', str(tmp_path / 'r')],
+                                      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        errs = [p.communicate(timeout=120)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [2, 2], errs
+    lines = [[l for l in e.splitlines() if l.strip()] for e in errs]
+    assert len(lines[1]) == 1 and lines[1][0].startswith(
+        f"error (rank 1): could not load mnist from '{tmp_path / 'no-data-on-this-node'}'"), errs[1]
+    assert len(lines[0]) == 1 and lines[0][0].startswith("error: the run's processes lost each other"), errs[0]
+
+
+def test_more_processes_than_gpus_is_said_by_every_process_of_the_node(monkeypatch):
+    """torchrun --nproc_per_node 4 on a node of 2 GPUs: every process of the node (its first
+    prints it), not only the processes without a GPU, stops with the one line."""
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    for name in ('rank', 'local_rank', 'world'):
+        monkeypatch.setattr(common.DIST, name, getattr(common.DIST, name))
+    monkeypatch.setenv('WORLD_SIZE', '4')
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '4')
+    for rank in range(4):
+        monkeypatch.setenv('RANK', str(rank))
+        monkeypatch.setenv('LOCAL_RANK', str(rank))
+        with pytest.raises(common.UserError, match='--nproc-per-node 4 asks for a GPU per process but this node has 2'):
+            common.setup_distributed('cuda')
 
 
 @pytest.mark.parametrize('script', SCRIPTS)
