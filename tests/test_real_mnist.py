@@ -2,8 +2,10 @@
 
 One protocol (conftest.REAL: 2 epochs of 2,500 images, PGD(0.3, 5, 0.1)) and one ST run shared
 by all (conftest.real_st_run, REAL_ST). Each method must end clearly more robust than ST: ST sits
-near 1% PGD accuracy, every working method at 20-32% (observed at 1 thread, beside each row), so
-the margin (conftest.ROBUST_MARGIN, 12 points) is set by the method, not by the thread count.
+at 2.0% PGD accuracy on 1 thread, 4.5% on 2 (the suite's default), every working method at 23-37%
+(beside each row), a defect at ST's level (AGAIN trained on the clean inputs: 1.0%), so the
+margin (conftest.ROBUST_MARGIN, 12 points) is set by the method, not by the thread count
+(measured 2026-12-06, torch 2.14.1, a 2-core AMD EPYC).
 Each row says what breaks it: a defect that leaves the model as robust as ST fails it.
 """
 import pytest
@@ -15,25 +17,28 @@ from conftest import REAL, REAL_DATA, ROBUST_MARGIN, final_metrics, needs_real_m
 
 @needs_real_mnist
 def test_st_learns(real_st_run):
-    # observed: 96.8% natural, 1.0% PGD. Breaks: a wrong label order, a learning rate that is not
-    # applied, a model in eval mode while training (BatchNorm), shuffling that drops data
+    # observed: 97.5% natural, 2.0% / 4.5% PGD on 1 / 2 threads. Breaks: a wrong label order, a
+    # learning rate that is not applied, a model in eval mode while training (BatchNorm),
+    # shuffling that drops data; an attack in ST's training (the methods' 23-37% PGD)
     st = final_metrics(real_st_run)
-    assert st['test_nat'] >= 95.0 and st['test_adv'] <= 5.0, st
+    assert st['test_nat'] >= 95.0 and st['test_adv'] <= 10.0, st
 
 
 METHODS = {
-    # name: (script, flags, observed PGD accuracy at 1 thread, what breaks it)
-    'at': ('train_at.py', [], 25.2,
+    # name: (script, flags, observed PGD accuracy on 1 / 2 threads, what breaks it)
+    'at': ('train_at.py', [], (30.5, 24.5),
            'training on the clean inputs (the PGD examples not used)'),
-    'jt': ('train_jt.py', [], 32.4,
+    'jt': ('train_jt.py', [], (29.0, 28.0),
            'the adversarial half not attacked, or its CE term (lambda2) dropped'),
-    'trades': ('train_trades.py', [], 30.8,
+    'trades': ('train_trades.py', [], (23.0, 27.5),
                'the KL term dropped or its attack not ascending the KL'),
-    'again': ('train_again.py', [], 21.6,
-              'the PGD examples not used in Eq. (7) (clean inputs trained)'),
+    # HFF and the ASE head slow AGAIN's start: without a warmup it ended at 17.5 / 16.5, 12 points
+    # above ST's 4.5 on 2 threads, at the margin; epoch 1 at half eps (--eps-warmup 2) clears it
+    'again': ('train_again.py', ['--eps-warmup', '2'], (26.5, 36.5),
+              'the PGD examples not used in Eq. (7) (clean inputs trained: 1.0 / 1.0)'),
     # SGD at batch 64 and no random start, as the other rows (the paper's Adam / Madry CNN
     # settings are checked by test_at_id_default_run_leaves_chance below)
-    'at_id': ('train_att_id.py', ['--model', 'cnn_b', '--optimizer', 'sgd', '--no-random-start'], 23.8,
+    'at_id': ('train_att_id.py', ['--model', 'cnn_b', '--optimizer', 'sgd', '--no-random-start'], (26.5, 29.5),
               "Eq. (7)'s CE read on the clean branch instead of x'"),
 }
 
