@@ -630,30 +630,29 @@ class CollapseWatch:
     def __init__(self, num_classes, hint, window=20, norm_window=5, early_check=50):
         self.num_classes, self.hint = num_classes, hint
         self.window, self.norm_window, self.early_check = window, norm_window, early_check
-        self.start_norm = None
+        self.start = None           # the first step's sums (below)
         self.warned = False
-        self.recent = []            # (mean ||f||, natural accuracy) of the last steps
+        self.recent = []            # the sums of the last steps
         self.epoch_steps = 0
         self._reset()
 
     def _reset(self):
-        self.sum_f = self.sum_f_adv = 0.0
-        self.n_f = self.n_f_adv = self.correct_nat = 0
+        self.epoch = 0              # sum ||f||, images, sum ||f'||, adversarial images, correct
         self.epoch_steps = 0
 
     @torch.no_grad()
     def step(self, f, f_adv, logits_nat, y_nat, epoch_index=None):
-        """One training step's embeddings, kept on the device (read only at the checks)."""
+        """One training step's embeddings, kept on the device (read only at the checks) as sums
+        over this process's rows: under torchrun the checks sum them over the processes, so the
+        numbers are the whole batch's."""
         norms = f.float().flatten(1).norm(dim=1)
-        correct = (logits_nat.argmax(1) == y_nat).sum()
-        if self.start_norm is None:
-            self.start_norm = norms.mean()
-        self.sum_f += norms.sum()
-        self.n_f += len(norms)
-        self.sum_f_adv += f_adv.float().flatten(1).norm(dim=1).sum()
-        self.n_f_adv += len(f_adv)
-        self.correct_nat += correct
-        self.recent = (self.recent + [(norms.mean(), 100.0 * correct / max(len(y_nat), 1))])[-self.window:]
+        adv = f_adv.float().flatten(1).norm(dim=1)
+        sums = torch.stack([norms.sum(), norms.new_full((), len(norms)), adv.sum(),
+                            adv.new_full((), len(adv)), (logits_nat.argmax(1) == y_nat).sum().float()])
+        if self.start is None:
+            self.start = sums
+        self.epoch = self.epoch + sums
+        self.recent = (self.recent + [sums])[-self.window:]
         self.epoch_steps += 1
         if epoch_index == 0 and self.epoch_steps == self.early_check:
             self.check()
@@ -662,8 +661,9 @@ class CollapseWatch:
         """True when the recent steps look collapsed; warns the first time."""
         if not self.recent:
             return False
-        recent = torch.stack([torch.stack([n, a.float()]) for n, a in self.recent]).tolist()
-        start_norm = float(self.start_norm)
+        sums = DIST.all_reduce(torch.stack([self.start, *self.recent])).tolist()
+        start_norm = sums[0][0] / max(sums[0][1], 1)
+        recent = [(s[0] / max(s[1], 1), 100.0 * s[4] / max(s[1], 1)) for s in sums[1:]]
         last = recent[-self.norm_window:]
         norm = sum(n for n, _ in last) / len(last)
         acc = sum(a for _, a in recent) / len(recent)
@@ -681,10 +681,10 @@ class CollapseWatch:
 
     def end_epoch(self, epoch_index):
         """Fields for the epoch's log record; prints the warning (once per run) if needed."""
-        record = {'f_norm': float(self.sum_f) / max(self.n_f, 1),
-                  'f_adv_norm': float(self.sum_f_adv) / max(self.n_f_adv, 1),
-                  'train_acc_nat': 100.0 * int(self.correct_nat) / max(self.n_f, 1),
-                  'collapse_warning': self.check()}
+        f, n, f_adv, n_adv, correct = (DIST.all_reduce(self.epoch.clone()).tolist()
+                                       if torch.is_tensor(self.epoch) else [0.0] * 5)
+        record = {'f_norm': f / max(n, 1), 'f_adv_norm': f_adv / max(n_adv, 1),
+                  'train_acc_nat': 100.0 * correct / max(n, 1), 'collapse_warning': self.check()}
         self._reset()
         return record
 

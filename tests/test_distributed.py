@@ -68,7 +68,9 @@ def launched(data_dir, tmp_path_factory):
         ['train_at.py', *base, *EVEN_NOT, '--epochs', '2', '--resume', '--out', str(root / 'at_resumed')],
         ['train_trades.py', *base, '--batch-size', '25', '--train-size', '75', '--out', str(root / 'trades')],
         ['train_at.py', *base, '--resume', '--out', str(root / 'nothing')],          # one-line error
-    ] + [[s, *base, *OWN.get(s, []), '--out', str(root / s[:-3])] for s in SCRIPTS]
+    ] + [[s, *base, *OWN.get(s, []), '--out', str(root / s[:-3])] for s in SCRIPTS] + [
+        ['test_distributed:watch_a_batch', str(root / 'watch')],
+    ]
     (root / 'runs.json').write_text(json.dumps(runs))
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
     proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone',
@@ -134,6 +136,36 @@ def test_resume_under_two_processes_and_across_a_change_of_their_number(
     run_ok('train_at.py', '--data-dir', data_dir, *QUICK, *EVEN_NOT, '--epochs', '2', '--resume',
            '--out', tmp_path / 'at1')
     assert _max_diff(tmp_path / 'at1' / 'last.pt', root / 'at2' / 'last.pt') < 1e-4
+
+
+def watch_a_batch(args):
+    """common.CollapseWatch over 3 steps of a batch of 25 embeddings (this process's rows of it
+    under torchrun): its epoch record, written by rank 0 to ``args[0]``. The embeddings shrink
+    to a twentieth, so the check warns."""
+    torch.manual_seed(0)
+    lo, hi = common.DIST.bounds(25)
+    watch = common.CollapseWatch(10, 'hint')
+    for step in range(3):
+        f = torch.randn(25, 6) * (1 - 0.95 * (step == 2)) + torch.arange(25.0)[:, None] / 10
+        logits = torch.randn(25, 10)
+        y = torch.arange(25) % 10
+        watch.step(f[lo:hi], 2 * f[lo:hi], logits[lo:hi], y[lo:hi], 0)
+    record = watch.end_epoch(0)
+    if common.DIST.main:
+        with open(args[0], 'w') as file:
+            json.dump(record, file)
+
+
+def test_the_collapse_watch_reads_the_whole_batch_under_two_processes(launched, tmp_path):
+    """JT*'s and AELFs' logged norms and natural accuracy, and the collapse check, are the whole
+    batch's, not rank 0's rows."""
+    root, proc = launched
+    watch_a_batch([tmp_path / 'one.json'])
+    one = json.loads((tmp_path / 'one.json').read_text())
+    two = json.loads((root / 'watch').read_text())
+    assert two.keys() == one.keys() and two['collapse_warning'] == one['collapse_warning'] is True
+    for key in ('f_norm', 'f_adv_norm', 'train_acc_nat'):
+        assert two[key] == pytest.approx(one[key], rel=1e-6), (key, one, two)
 
 
 @pytest.mark.parametrize('script', SCRIPTS)
