@@ -7,7 +7,11 @@ So the inductor tests share one compiled model (the ``pair`` fixture) and one ba
 compile two graphs in all (an attack pass and a training pass, each forward and backward). The tests of what compile_model and the scripts do
 with graphs (one graph per phase for every batch size, eval.py --compile, every script compiled) run
 with the ``aot_eager`` backend: dynamo's tracing, guards and AOT autograd, the same graphs,
-executed by eager kernels instead of inductor's generated code."""
+executed by eager kernels instead of inductor's generated code. In the every-script test, the
+scripts whose compiled pass is ``features`` in the phases the inductor tests trace (AT, JT, JT*,
+TRADES, AELFs, AT-id) use dynamo's graphs alone (backend ``eager``: the phases, fullgraph and the
+log checked, AOT autograd not again: 35 s less); AGAIN (``forward_heads``, AWP's proxy) and AELF
+(two backward passes of a step) keep ``aot_eager``."""
 import contextlib
 
 import pytest
@@ -189,11 +193,13 @@ def test_every_batch_shape_shares_one_graph(aot_eager):
 
 @pytest.fixture
 def phases(monkeypatch):
-    """torch.compile with the aot_eager backend (module docstring), noting for every graph dynamo
+    """torch.compile with BACKEND's backend (module docstring), noting for every graph dynamo
     compiles the compiled pass and its phase: the model's train/eval mode, the gradient mode,
     whether the weights need gradients (attacks.pgd freezes them) and whether the input does.
     Returns that list, each phase with the batch size its graph holds."""
+    import torch._dynamo
     from torch._dynamo.backends.registry import lookup_backend
+    torch._dynamo.reset()     # no shapes remembered from an earlier test: each case proves its own
     real, seen = torch.compile, []
 
     def compile_(fn, mode=None, **kw):
@@ -206,10 +212,15 @@ def phases(monkeypatch):
             seen.append(((id(model), fn.__name__, model.training, torch.is_grad_enabled(),
                           any(p.requires_grad for p in model.parameters()), x.requires_grad),
                          str(x.shape[0])))
-            return lookup_backend('aot_eager')(gm, example_inputs)
+            return lookup_backend(BACKEND[0])(gm, example_inputs)
         return real(fn, backend=backend, **kw)
     monkeypatch.setattr(torch, 'compile', compile_)
-    return seen
+    yield seen
+    BACKEND[0] = 'aot_eager'
+
+
+BACKEND = ['aot_eager']        # the phases fixture's backend (module docstring)
+AOT = {'train_again.py', 'train_aelf.py'}        # the scripts compiled with aot_eager there
 
 
 # Every script, with a tail batch (72 = 40 + 32), a validation split of 17 and 20 test images.
@@ -231,6 +242,7 @@ def test_every_script_trains_compiled_with_one_graph_per_phase(script, data_dir,
     log equals the eager run's (to float tolerance: the graphs are the eager ops, traced)."""
     from conftest import QUICK, read_log, run_ok
     name = script.rstrip('*')
+    BACKEND[0] = 'aot_eager' if name in AOT else 'eager'
     flags = [*QUICK, '--data-dir', data_dir, '--train-size', '72', '--batch-size', '40',
              '--val-size', '17', '--test-size', '20', *COMPILED_RUNS[script]]
     logs = []
