@@ -28,6 +28,7 @@ import argparse
 import copy
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -100,6 +101,20 @@ def parse_args(argv=None):
     g.add_argument('--compactness', nargs='?', const='', metavar='FILE.png',
                    help='AGAIN Fig. 4: within-class / between-centroid distance of features(x); '
                         'with FILE, a PCA picture of the features')
+    g.add_argument('--gen-gap', type=int, nargs='?', const=1000, metavar='N',
+                   help='AGAIN Sec. 5.6: natural, training-PGD and PGD-20 accuracy on N images the '
+                        'checkpoint trained on (its training split without its validation images) and '
+                        'on the test images (N of them unless --test-size), and the gaps train - test '
+                        '(bare --gen-gap: N = 1000)')
+    g.add_argument('--gen-gap-picture', metavar='FILE.png', help='--gen-gap as AGAIN Fig. 3\'s grouped bars')
+    g.add_argument('--eps-curve', metavar='FILE.png',
+                   help='accuracy under PGD-20 (random start) over eps, a line per checkpoint; warns '
+                        'when a curve stays above 5%% at eps 0.5 (MNIST) or 4x the training eps')
+    g.add_argument('--eps-list', type=float, nargs='+', metavar='EPS',
+                   help='--eps-curve radii (default: 9 from 0 to twice the training eps)')
+    g.add_argument('--training-curves', metavar='FILE.png',
+                   help="loss, training accuracy and val nat / adv / worst per epoch from each run's "
+                        'log.jsonl, a line per run, best.pt\'s epoch starred')
     g.add_argument('--sanity', action='store_true', help='checks against gradient masking')
     g.add_argument('--square-queries', type=int, default=5000,
                    help="queries of --sanity's gradient-free attack (AutoAttack's Square: 5000)")
@@ -112,7 +127,7 @@ def parse_args(argv=None):
     common.check_ranges(p, args, {
         'test_size': '[1, inf)', 'batch_size': '[1, 100000]', 'eps': '[0, 1]', 'seed': '[0, 4294967295]',
         'n_images': '[1, 64]', 'shift': '[1, 32]', 'smoothgrad': '[0, 10000]', 'smoothgrad_sigma': '[0, 1]',
-        'asc_threshold': '[0, 1]', 'square_queries': '[1, 1000000]'})
+        'asc_threshold': '[0, 1]', 'square_queries': '[1, 1000000]', 'gen_gap': '[1, inf)'})
     for p_eps, p_steps, p_step in args.pgd or []:
         if not (0 <= p_eps <= 1 and p_steps in range(10001) and 0 <= p_step <= 1):
             p.error(f"--pgd {p_eps:g} {p_steps:g} {p_step:g}: EPS and STEP in [0, 1], STEPS a whole "
@@ -130,6 +145,10 @@ def parse_args(argv=None):
                     f"version's attacks ({','.join(known)})")
         if not args.autoattack:
             p.error('--aa-attacks needs --autoattack')
+    if args.gen_gap_picture and not args.gen_gap:
+        p.error('--gen-gap-picture draws --gen-gap: add --gen-gap')
+    if args.eps_list and (not args.eps_curve or not all(0 <= e <= 1 for e in args.eps_list)):
+        p.error('--eps-list takes radii in [0, 1] for --eps-curve')
     if args.no_table and (args.autoattack or args.pgd):
         p.error(f"{'--autoattack' if args.autoattack else '--pgd'} is a column of the attack table, "
                 f"which --no-table skips: drop --no-table")
@@ -334,6 +353,13 @@ def evaluate(path, args, device):
         row['compactness'], row['_features'] = compactness(model, test, args.batch_size)
     if args.corrupt_span:
         row['corrupt_span'] = corrupted_span_table(model, ckpt, path, test, eps, args, device)
+    if args.gen_gap:
+        row['gen_gap'] = generalization_gap(model, ckpt, path, test if args.test_size else test.head(args.gen_gap),
+                                            args, device)
+        progress('generalization gap (robust, PGD-20)', row['gen_gap']['gap_pgd20'])
+    if args.eps_curve:
+        row['eps_curve'] = eps_curve_row(model, ckpt, test, args)
+        progress('eps curve at the check radius', row['eps_curve']['check_accuracy'])
     if args.sanity:
         measured = measure_sanity(model, test, eps, args, device, progress)
         row['sanity'] = {'measured': measured, 'warnings': sanity_warnings(measured, len(test))}
@@ -491,14 +517,20 @@ def gradient_pictures(paths, args, device):
         print(f"{path}: max |G| {grad.sum(1).abs().amax().item():.3g} over the pictured images "
               f"(--grad-signs thresholds apply to the {args.sign_scale} gradient)", file=sys.stderr)
     n = len(inputs)
+    names = [short_name(p) for p in paths]
     if args.grad_maps:
-        common.save_picture(torch.cat([inputs] + maps).cpu(), args.grad_maps, nrow=n, padding=2)
-        print(f"wrote {args.grad_maps}", file=sys.stderr)
+        clip = args.grad_style == 'clip'
+        image_grid([inputs] + maps, ['input'] + names,
+                   'Input gradients (AELF Fig. 2)' + (', clipped to +-3 std' if clip else
+                                                      ', scaled to max |G| = 1 per image'),
+                   args.grad_maps, key=grey_key('gradient, -3 std (black) to +3 std (white)') if clip
+                   else sign_key)
     if args.grad_signs:
         k = len(args.sign_thresholds)
-        rows = [torch.cat([inputs] * k)] + signs
-        common.save_picture(torch.cat(rows).cpu(), args.grad_signs, nrow=n * k, padding=2)
-        print(f"wrote {args.grad_signs} (thresholds {args.sign_thresholds}, left to right)", file=sys.stderr)
+        image_grid([torch.cat([inputs] * k)] + signs, ['input'] + names,
+                   f"Gradient signs where |G| > threshold ({args.sign_scale} G; AELF Fig. 4)",
+                   args.grad_signs, col_titles={i * n: f"threshold {t:g}" for i, t in enumerate(args.sign_thresholds)},
+                   key=sign_key)
 
 
 def gradmap_classification(model, ckpt, test, args, device):
@@ -595,14 +627,15 @@ def span_picture(paths, args, device):
     """--span-picture: per checkpoint, rows of images, masks and corrupted images."""
     standard = common.model_from_checkpoint(common.load_checkpoint(args.corrupt_span), device,
                                             args.corrupt_span).eval()
-    rows = []
+    rows, labels = [], []
     for path in paths:
         model, x, y = picture_inputs(path, args, device)
         with torch.no_grad():
             mask = standard_only_span(standard, model, x, y, args.asc_threshold, args.span_reading)
         rows += [rgb(x), rgb(mask), rgb(x * mask)]
-    common.save_picture(torch.cat(rows).cpu(), args.span_picture, nrow=len(rows[0]), padding=2)
-    print(f"wrote {args.span_picture}", file=sys.stderr)
+        labels += [f"{short_name(path)}\ninput", f"mask ({args.span_reading})", 'corrupted input']
+    image_grid(rows, labels, f"Corrupted span against {short_name(args.corrupt_span)} (AGAIN Fig. 1(d, e); "
+               f"white: kept, black: erased)", args.span_picture)
 
 
 def compactness(model, split, batch_size):
@@ -626,21 +659,36 @@ CLASS_COLOURS = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (2
                  (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]
 
 
-def feature_picture(feats, y, side=256, margin=12):
-    """The features projected on their first two principal components, one coloured point per
-    image (3 x side x side, uint8). AGAIN Fig. 4 uses t-SNE; PCA is used here because it is
-    deterministic, a few lines of torch (no extra package) and a linear view that keeps distances'
-    proportions, so pictures of two models can be compared with the compactness number."""
-    from torchvision.utils import draw_keypoints
+def principal_components(feats):
+    """The features projected on their first two principal components (N x 2). AGAIN Fig. 4 uses
+    t-SNE; PCA is used here because it is deterministic, a few lines of torch (no extra package)
+    and a linear view that keeps distances' proportions, so pictures of two models can be compared
+    with the compactness number."""
     centred = feats - feats.mean(0)
     _, _, v = torch.linalg.svd(centred, full_matrices=False)
-    p = centred @ v[:2].T
-    p = (p - p.amin(0)) / (p.amax(0) - p.amin(0)).clamp_min(1e-12) * (side - 2 * margin) + margin
-    canvas = torch.full((3, side, side), 255, dtype=torch.uint8)
-    for c in y.unique().tolist():
-        pts = p[y == c][None]
-        canvas = draw_keypoints(canvas, pts, colors=CLASS_COLOURS[c % len(CLASS_COLOURS)], radius=2)
-    return canvas
+    return centred @ v[:2].T
+
+
+def compactness_picture(rows, path):
+    """One scatter per checkpoint: its test features on their first two principal components,
+    coloured by class, with the compactness number."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(rows), figsize=(4.2 * len(rows) + 1.2, 4.2), squeeze=False)
+    for ax, r in zip(axes[0], rows):
+        feats, y = r['_features']
+        p = principal_components(feats).cpu()
+        for c in y.unique().tolist():
+            pts = p[(y == c).cpu()]
+            ax.scatter(pts[:, 0], pts[:, 1], s=6, color=[v / 255 for v in CLASS_COLOURS[c % len(CLASS_COLOURS)]],
+                       label=str(c))
+        ax.set_title(f"{short_name(r['ckpt'])}\ncompactness {r['compactness']:.3f}", fontsize=9)
+        ax.set_xlabel('principal component 1')
+        ax.set_ylabel('principal component 2')
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, title='class', loc='center right', fontsize=8, markerscale=2)
+    fig.suptitle('Features of the test images (AGAIN Fig. 4, PCA instead of t-SNE)', fontsize=10)
+    fig.subplots_adjust(right=0.88)
+    save_figure(fig, path, f"{len(rows)} panels")
 
 
 def asc_from_cam(cam, threshold):
@@ -673,7 +721,7 @@ def cam_overlay(x, cam, weight=0.5):
 
 
 def cam_picture(paths, args, device):
-    rows = []
+    rows, labels = [], []
     for path in paths:
         model, x, y = picture_inputs(path, args, device)
         cam = class_activation_maps(model, x, y)
@@ -683,9 +731,11 @@ def cam_picture(paths, args, device):
         up = torch.nn.functional.interpolate(cam, size=x.shape[-2:], mode='bilinear', align_corners=False)
         if not rows:
             rows.append(rgb(x))
+            labels.append('input')
         rows.append(cam_overlay(x, up[:, 0]) if args.cam_style == 'overlay' else rgb(up))
-    common.save_picture(torch.cat(rows).cpu(), args.cam, nrow=len(rows[0]), padding=2)
-    print(f"wrote {args.cam}", file=sys.stderr)
+        labels.append(short_name(path))
+    image_grid(rows, labels, 'Class activation maps of the true class (AGAIN Fig. 1)', args.cam,
+               key=heat_key if args.cam_style == 'overlay' else grey_key('activation (scaled to [0, 1] per image)'))
 
 
 def valid_weights(model):
@@ -693,6 +743,272 @@ def valid_weights(model):
     weight; averaged over the classes."""
     w = model.fc.weight.detach().float()
     return (w > w.mean(1, keepdim=True)).sum(1).float().mean().item()
+
+
+# ------------------------------------------- generalization gap, robustness curve (AGAIN Fig. 3)
+
+def strongest_pgd_loss(model):
+    """The loss the gap and the eps curve's PGD-20 ascend: CE of the main head, plus the ASE
+    head's CE for a checkpoint with AGAIN's head (the paper's adaptive attack, Sec. 5.2.2)."""
+    if getattr(model, 'ase_index', None) is None:
+        return 'ce'
+
+    def both_heads(m, x_adv, y):
+        logits, ase_logits = m.forward_heads(x_adv)
+        return (F.cross_entropy(logits.float(), y, reduction='sum')
+                + F.cross_entropy(ase_logits.float(), y, reduction='sum'))
+    return both_heads
+
+
+def training_images(ckpt, args, device, n):
+    """The first ``n`` images the checkpoint trained on: its training split with its validation
+    images removed (its own --dataset, --val-size, --train-size and --image-size), never a
+    validation or test image."""
+    a = argparse.Namespace(**{**ckpt['args'], 'data_dir': args.data_dir or ckpt['args'].get('data_dir', './data'),
+                              'val_size': ckpt['args'].get('val_size') or 0, 'test_size': 1})
+    train, _, _ = common.load_data(a, device)
+    return train.head(n)
+
+
+def generalization_gap(model, ckpt, path, test, args, device):
+    """AGAIN Sec. 5.6 / Fig. 3: natural accuracy and accuracy under the checkpoint's training PGD
+    and under PGD-20 (random start), on --gen-gap images it trained on and on the test images;
+    gap = train - test."""
+    a = ckpt['args']
+    eps, steps, step_size, rand = training_attack(a, args.eps)
+    loss = strongest_pgd_loss(model)
+    train_loss = loss if a.get('attack_loss', 'both') == 'both' else 'ce'    # as it trained
+    attacks = {'nat': None,
+               'pgd_train': lambda m, x, y: pgd(m, x, y, eps, steps, step_size, rand, loss=train_loss),
+               'pgd20': lambda m, x, y: pgd(m, x, y, eps, 20, 2.5 * eps / 20, True, loss=loss)}
+    out = {'train_images': 0, 'test_images': len(test)}
+    train = training_images(ckpt, args, device, args.gen_gap)
+    out['train_images'] = len(train)
+    for part, split in (('train', train), ('test', test)):
+        for name, attack in attacks.items():
+            common.seed_everything(args.seed)
+            out[f'{part}_{name}'] = 100.0 * common.correct(model, split, attack, args.batch_size).float().mean().item()
+    for name in attacks:
+        out[f'gap_{name}'] = out[f'train_{name}'] - out[f'test_{name}']
+    return out
+
+
+def gap_table(rows):
+    lines = ['| checkpoint | train nat | test nat | nat gap | train PGD (train) | test PGD (train) | '
+             'gap | train PGD-20 | test PGD-20 | robust gap (PGD-20) |', '|' + '---|' * 10]
+    for r in rows:
+        g = r['gen_gap']
+        cells = [f"{g[k]:.2f}" for k in ('train_nat', 'test_nat', 'gap_nat', 'train_pgd_train', 'test_pgd_train',
+                                           'gap_pgd_train', 'train_pgd20', 'test_pgd20', 'gap_pgd20')]
+        lines.append(f"| {r['ckpt']} ({g['train_images']} train / {g['test_images']} test images) | "
+                     + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
+def eps_curve(model, split, radii, batch_size, loss='ce', seed=0):
+    """Accuracy (%) under PGD-20 with random start (step 2.5 eps / 20) at each radius (sorted).
+    An image counts as robust at a radius only if it also survived every smaller one: the
+    smaller ball lies inside the larger, so the curve cannot rise with eps."""
+    alive, curve = None, []
+    for e in sorted(radii):
+        common.seed_everything(seed)
+        ok = common.correct(model, split, lambda m, x, y: pgd(m, x, y, e, 20, 2.5 * e / 20, True, loss=loss),
+                            batch_size)
+        alive = ok if alive is None else alive & ok
+        curve.append(100.0 * alive.float().mean().item())
+    return curve
+
+
+MASKING_SHARE = 5.0    # percent: a curve above this at the check radius is called masking
+
+
+def check_radius(dataset, train_eps):
+    """Where every image can be changed into another: eps 0.5 on MNIST (any image can become a
+    grey one), 4x the training eps elsewhere."""
+    return 0.5 if dataset == 'mnist' else 4 * train_eps
+
+
+def eps_curve_row(model, ckpt, test, args):
+    a = ckpt['args']
+    eps = training_attack(a, args.eps)[0]
+    radii = sorted(set(args.eps_list if args.eps_list else [round(2 * eps * i / 8, 6) for i in range(9)]))
+    check = check_radius(a['dataset'], eps)
+    measured = sorted(set(radii + [check]))
+    curve = dict(zip(measured, eps_curve(model, test, measured, args.batch_size, strongest_pgd_loss(model), args.seed)))
+    warning = None
+    if curve[check] > MASKING_SHARE:
+        warning = (f"{curve[check]:.1f}% of the images survive PGD-20 at eps {check:g}, where every "
+                   f"image can be made another: the attack under-attacks this model (masked "
+                   f"gradients); trust AutoAttack, not this curve")
+    return {'radii': radii, 'accuracy': [curve[r] for r in radii], 'check_radius': check,
+            'check_accuracy': curve[check], 'warning': warning}
+
+
+def eps_curve_table(rows):
+    lines = []
+    for r in rows:
+        c = r['eps_curve']
+        lines.append(f"| {r['ckpt']} | " + ' | '.join(f"{e:.3g}: {v:.1f}" for e, v in zip(c['radii'], c['accuracy']))
+                     + f" | check eps {c['check_radius']:g}: {c['check_accuracy']:.1f} |")
+    return ('| checkpoint | accuracy (%) under PGD-20 at each eps (survivors of every smaller eps) |'
+            '\n|---|---|\n' + '\n'.join(lines))
+
+
+# --------------------------------------------------------------------- pictures (matplotlib)
+
+def pyplot():
+    import matplotlib
+    matplotlib.use('Agg')           # no screen: files only
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def short_name(path):
+    """'runs/at-s8/last.pt' -> 'at-s8/last.pt': the run folder and file, as a label."""
+    parts = str(path).replace('\\', '/').rstrip('/').split('/')
+    return '/'.join(parts[-2:])
+
+
+def save_figure(fig, path, what):
+    """Write a matplotlib figure atomically (one line if the disk is full) and say what it shows."""
+    plt = pyplot()
+    ext = os.path.splitext(path)[1].lstrip('.').lower() or 'png'
+    try:
+        common.write_atomically(path, lambda tmp: fig.savefig(tmp, format=ext, dpi=110, bbox_inches='tight'),
+                                hint='free some space and run eval.py again')
+    finally:
+        plt.close(fig)
+    print(f"wrote {path} ({what})", file=sys.stderr)
+
+
+def image_grid(rows, labels, title, path, col_titles=None, key=None):
+    """Rows of images (each B x 3 x H x W in [0, 1]), each row labelled on its left, a title, and
+    a colour key where colour carries meaning (``key(fig, axes)``)."""
+    plt = pyplot()
+    n_rows, n_cols = len(rows), max(len(r) for r in rows)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.2 + 1.15 * n_cols, 0.9 + 1.2 * n_rows), squeeze=False)
+    for r, (images, label) in enumerate(zip(rows, labels)):
+        for c in range(n_cols):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c < len(images):
+                ax.imshow(images[c].permute(1, 2, 0).clamp(0, 1).float().cpu().numpy(), interpolation='nearest')
+            else:
+                ax.axis('off')
+        axes[r][0].set_ylabel(label, rotation=0, ha='right', va='center', fontsize=9)
+    for c, text in (col_titles or {}).items():
+        axes[0][c].set_title(text, fontsize=9)
+    fig.suptitle(title, fontsize=11)
+    if key:
+        key(fig, axes)
+    save_figure(fig, path, f"{n_rows} rows x {n_cols} images")
+
+
+def sign_key(fig, axes):
+    from matplotlib.patches import Patch
+    fig.legend(handles=[Patch(color='red', label='positive gradient'), Patch(color='#00ff00', label='negative gradient'),
+                        Patch(color='black', label='zero / below threshold')],
+               loc='lower center', ncol=3, fontsize=9, bbox_to_anchor=(0.5, -0.02))
+
+
+def heat_key(fig, axes):
+    from matplotlib.colors import ListedColormap
+    from matplotlib.cm import ScalarMappable
+    cmap = ListedColormap(heat_colours(torch.linspace(0, 1, 256)[:, None, None])[:, :, 0, 0].numpy())
+    fig.colorbar(ScalarMappable(cmap=cmap), ax=axes, shrink=0.6, label='activation (scaled to [0, 1] per image)')
+
+
+def grey_key(label):
+    def key(fig, axes):
+        from matplotlib.cm import ScalarMappable
+        fig.colorbar(ScalarMappable(cmap='gray'), ax=axes, shrink=0.6, label=label)
+    return key
+
+
+def gap_picture(rows, path):
+    """AGAIN Fig. 3: per checkpoint, clean and PGD-20 accuracy on training and test images."""
+    plt = pyplot()
+    bars = [('train_nat', 'train, clean', '#9ecae1'), ('test_nat', 'test, clean', '#3182bd'),
+            ('train_pgd20', 'train, PGD-20', '#fdae6b'), ('test_pgd20', 'test, PGD-20', '#e6550d')]
+    fig, ax = plt.subplots(figsize=(2.5 + 1.6 * len(rows), 4.2))
+    width = 0.8 / len(bars)
+    for i, (key, label, colour) in enumerate(bars):
+        xs = [j + (i - (len(bars) - 1) / 2) * width for j in range(len(rows))]
+        values = [r['gen_gap'][key] for r in rows]
+        ax.bar(xs, values, width, label=label, color=colour)
+        for x, v in zip(xs, values):
+            ax.text(x, v + 0.5, f"{v:.0f}", ha='center', va='bottom', fontsize=7)
+    ax.set_xticks(range(len(rows)), [short_name(r['ckpt']) for r in rows], rotation=20, ha='right', fontsize=8)
+    ax.set_ylabel('accuracy (%)')
+    ax.set_ylim(0, 105)
+    ax.set_title('Generalization gap: training vs test images (AGAIN Fig. 3)', fontsize=10)
+    ax.legend(fontsize=8, loc='lower left', ncol=2)
+    save_figure(fig, path, f"{len(rows)} groups of {len(bars)} bars")
+
+
+def eps_curve_picture(rows, path):
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for r in rows:
+        c = r['eps_curve']
+        ax.plot(c['radii'], c['accuracy'], marker='o', markersize=3, label=short_name(r['ckpt']))
+    trained = sorted({r['eps'] for r in rows})
+    for e in trained:
+        ax.axvline(e, color='grey', linestyle=':', linewidth=1)
+    ax.set_xlabel('l-inf radius eps (dotted: the training eps)')
+    ax.set_ylabel('accuracy under PGD-20 (%)')
+    ax.set_ylim(0, 101)
+    ax.set_title('Robustness over eps', fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save_figure(fig, path, f"{len(rows)} lines")
+
+
+CURVE_PANELS = [('train_loss', 'training loss'), ('train_acc', 'training accuracy (%)'),
+                ('val_nat', 'val nat (%)'), ('val_adv', 'val adv, training PGD (%)'),
+                ('val_worst', 'val worst (%)')]
+
+
+def run_log(path):
+    """(folder, epochs' records, the epoch best.pt holds or None) of a run folder or checkpoint."""
+    folder = path if os.path.isdir(path) else os.path.dirname(path) or '.'
+    log = os.path.join(folder, 'log.jsonl')
+    if not os.path.isfile(log):
+        raise common.UserError(f"--training-curves: {folder} has no log.jsonl: pass run folders or "
+                               f"checkpoints inside them")
+    with open(log) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    best = os.path.join(folder, 'best.pt')
+    best_epoch = common.load_checkpoint(best)['epoch'] if os.path.isfile(best) else None
+    return folder, records, best_epoch
+
+
+def training_curves_picture(paths, path):
+    plt = pyplot()
+    from matplotlib.ticker import MaxNLocator
+    runs = []
+    for p in dict.fromkeys(os.path.dirname(q) if os.path.isfile(q) else q for q in paths):
+        runs.append(run_log(p))
+    panels = [(k, label) for k, label in CURVE_PANELS if any(k in rec for _, recs, _ in runs for rec in recs)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.4), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        for folder, records, best in runs:
+            pts = [(rec['epoch'], rec[key]) for rec in records if rec.get(key) is not None]
+            if not pts:
+                continue
+            line, = ax.plot(*zip(*pts), marker='o', markersize=3, label=os.path.basename(folder.rstrip('/')))
+            at = [v for e, v in pts if e == best]
+            if at:
+                ax.plot([best], at, marker='*', markersize=12, color=line.get_color(), linestyle='none')
+        ax.set_xlabel('epoch')
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(label, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle('Training curves (star: the epoch best.pt was taken)', fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path, f"{len(panels)} panels x {len(runs)} lines")
 
 
 # ------------------------------------------------------------------- sanity (gradient masking)
@@ -809,7 +1125,7 @@ def autoattack_table(rows):
 def attention_maps_png(paths, args, device, filename):
     """AT-att-id Fig. 3: per checkpoint, a row of input images and a row per attention layer
     (blocks 3 and 4), each map upsampled to the image size and scaled to [0, 1]."""
-    rows = []
+    rows, labels = [], []
     for path in paths:
         model, x, _ = picture_inputs(path, args, device)
         if not hasattr(model, 'features_and_maps') or not getattr(model, 'attention', False):
@@ -819,6 +1135,7 @@ def attention_maps_png(paths, args, device, filename):
         with torch.no_grad():
             _, maps = model.features_and_maps(x)
         rows.append(x.expand(-1, 3, -1, -1))
+        labels += [f"{short_name(path)}\ninput"] + [f"attention, block {b}" for b in range(3, 3 + len(maps))]
         for a in maps:
             a = a / a.flatten(1).amax(1)[:, None, None].clamp_min(1e-12)
             up = torch.nn.functional.interpolate(a[:, None].float(), size=x.shape[-2:], mode='bilinear',
@@ -827,7 +1144,8 @@ def attention_maps_png(paths, args, device, filename):
     if not rows:
         raise common.UserError(f"--attention-maps: none of the checkpoints has an attention module "
                                f"(train one with train_att_id.py --mode att or att-id)")
-    common.save_picture(torch.cat(rows).cpu(), filename, nrow=len(rows[0]), padding=2)
+    image_grid(rows, labels, 'Attention maps (AT-att-id Fig. 3)', filename,
+               key=grey_key('attention (scaled to max 1 per image)'))
     return filename
 
 
@@ -916,13 +1234,23 @@ def main(argv=None):
         for r in rows:
             print(f"| {r['ckpt']} | {r['compactness']:.4f} |")
         if args.compactness:
-            pics = [feature_picture(*r['_features']).float() / 255 for r in rows]
-            common.save_picture(torch.stack(pics), args.compactness, nrow=len(pics), padding=4, pad_value=0.5)
-            print(f"wrote {args.compactness}", file=sys.stderr)
+            compactness_picture(rows, args.compactness)
     for r in rows:
         r.pop('_features', None)
     if args.attention_maps:
-        print(f"wrote {attention_maps_png(args.ckpt, args, device, args.attention_maps)}", file=sys.stderr)
+        attention_maps_png(args.ckpt, args, device, args.attention_maps)
+    if args.gen_gap:
+        print(gap_table(rows))
+        if args.gen_gap_picture:
+            gap_picture(rows, args.gen_gap_picture)
+    if args.eps_curve:
+        print(eps_curve_table(rows))
+        for r in rows:
+            if r['eps_curve']['warning']:
+                print(f"warning: {r['ckpt']}: {r['eps_curve']['warning']}")
+        eps_curve_picture(rows, args.eps_curve)
+    if args.training_curves:
+        training_curves_picture(args.ckpt, args.training_curves)
     if args.json:
         common.write_text(args.json, json.dumps({'rows': rows, 'test_size': args.test_size,
                                                  'seed': args.seed}, indent=1),

@@ -122,10 +122,9 @@ def test_each_mode_end_to_end_and_eval_pictures_and_transfer(data_dir, tmp_path)
     assert 'transfer' in proc.stdout and 'no attention module' in proc.stderr
     rows = json.loads(js.read_text())['rows']
     assert all('transfer_acc' in r for r in rows)
-    from PIL import Image
-    img = Image.open(png)
-    # 2 attention checkpoints x 3 rows (inputs, block 3, block 4) of 4 images of 32x32, padding 2
-    assert img.size == (4 * 34 + 2, 6 * 34 + 2)
+    from test_eval_analyses import check_picture
+    # 2 attention checkpoints x 3 rows (inputs, block 3, block 4) of 4 images
+    check_picture(png, proc.stderr, '6 rows x 4 images')
     proc = run_script('eval.py', '--ckpt', tmp_path / 'mnist' / 'last.pt', '--data-dir', data_dir,
                       '--test-size', '8', '--attention-maps', tmp_path / 'none.png')
     assert proc.returncode != 0 and 'none of the checkpoints has an attention module' in proc.stderr
