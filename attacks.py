@@ -20,26 +20,6 @@ def cw_margin(logits, y):
     return other - true
 
 
-# (start, stop, total) while several processes (torchrun) each hold rows start:stop of a batch
-# of ``total`` images; set by common.batches, None for one process
-BATCH_ROWS = None
-
-
-def noise_like(x, fill):
-    """``fill(torch.empty_like(x))`` (e.g. ``lambda t: t.uniform_(-eps, eps)``). When x is this
-    process's rows of a batch shared by several processes (BATCH_ROWS), the noise is drawn for
-    the whole batch and sliced: every process draws the same numbers, and each image gets the
-    noise it gets in a one-process run."""
-    rows = BATCH_ROWS
-    if rows is None or rows[1] - rows[0] != len(x) or rows[2] == len(x):
-        return fill(torch.empty_like(x))
-    start, stop, total = rows
-    whole = x.new_empty((total, *x.shape[1:]))
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        whole = whole.contiguous(memory_format=torch.channels_last)    # x's memory layout
-    return fill(whole)[start:stop]
-
-
 def _loss_value(model, x_adv, y, loss):
     if callable(loss):
         return loss(model, x_adv, y)
@@ -64,27 +44,18 @@ def pgd(model, x, y, eps, steps, step_size, random_start=False, loss='ce', x_ini
       from x + 0.001 * N(0, 1) and projects only after its first step).
     - Returns a detached tensor; with eps == 0 or steps == 0 it returns x (detached).
     - Works inside a CUDA autocast context: the loss is read in float32, x_adv stays float32.
-    - On a model compiled by ``common.compile_model`` the weights are marked as not requiring
-      gradients while attacking (and restored after): a compiled graph's backward computes the
-      gradient of every input it was traced with, the weights' too, where eager autograd
-      computes only the input's (one PGD step of the --quick cnn_b on one CPU core: 1.3-1.6x
-      faster than the compiled step without it, at commit cbd27d1).
-      Eager models are left as they are (there the same made the steps 2-9% slower).
     """
     x = x.detach()
     if eps <= 0 or steps <= 0:
         return x
     was_training = model.training
     model.eval()
-    frozen = [p for p in model.parameters() if p.requires_grad] if getattr(model, 'compiled', None) else []
-    for p in frozen:
-        p.requires_grad_(False)
     try:
         if x_init is not None:
             x_adv = x_init.detach().clone()          # as given: TRADES Alg. 1 takes its first
         else:                                        # gradient at x + 0.001 N(0, I), unclamped
             if random_start:
-                x_adv = x + noise_like(x, lambda t: t.uniform_(-eps, eps))
+                x_adv = x + torch.empty_like(x).uniform_(-eps, eps)      # torchattacks' one line
             else:
                 x_adv = x.clone()
             x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
@@ -99,5 +70,3 @@ def pgd(model, x, y, eps, steps, step_size, random_start=False, loss='ce', x_ini
         return x_adv.detach()
     finally:
         model.train(was_training)
-        for p in frozen:
-            p.requires_grad_(True)

@@ -41,15 +41,15 @@ from attacks import pgd
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=common.doc_title(__doc__),
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=' '.join(__doc__.split('\n\n')[0].split()),
+                                formatter_class=common.HelpFormatter)
     p.add_argument('--ckpt', nargs='+', required=True,
                    help='checkpoint files (.pt), or run folders (their best.pt)')
     p.add_argument('--data-dir', help="torchvision root (default: the checkpoint's --data-dir)")
-    p.add_argument('--test-size', type=int, help='first N test images (default: all)')
-    p.add_argument('--batch-size', type=int, default=500)
+    p.add_argument('--test-size', type=common.number('[1, inf)', int), help='first N test images (default: all)')
+    p.add_argument('--batch-size', type=common.number('[1, 100000]', int), default=500)
     p.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
-    p.add_argument('--eps', type=float, help="attack radius (default: the checkpoint's training eps)")
+    p.add_argument('--eps', type=common.number('[0, 1]'), help="attack radius (default: the checkpoint's training eps)")
     p.add_argument('--pgd', nargs=3, type=float, action='append', metavar=('EPS', 'STEPS', 'STEP'),
                    help='an extra PGD column without random start, e.g. --pgd 0.031 10 0.005 '
                         '(AELF Table 3 A*(10)); repeatable')
@@ -62,10 +62,10 @@ def parse_args(argv=None):
                    help='black-box column: PGD examples made on SRC (an independently trained copy)')
     p.add_argument('--attention-maps', metavar='FILE.png',
                    help='attention models: inputs and the attention maps of both layers (Fig. 3)')
-    p.add_argument('--n-images', type=int, default=8, help='images shown in pictures')
+    p.add_argument('--n-images', type=common.number('[1, 64]', int), default=8, help='images shown in pictures')
     g = p.add_argument_group('analyses (the papers\' figures and diagnostic tables)')
     g.add_argument('--no-table', action='store_true', help='skip the attack table (analyses only)')
-    g.add_argument('--shift', type=int, nargs='?', const=8, metavar='PIXELS',
+    g.add_argument('--shift', type=common.number('[1, 32]', int), nargs='?', const=8, metavar='PIXELS',
                    help='AELF Fig. 3 / Tables 2, 6: accuracy on the test set shifted left, right, '
                         'up, down by PIXELS (default 8), zero fill')
     g.add_argument('--shift-attack', action=argparse.BooleanOptionalAction, default=True,
@@ -74,10 +74,10 @@ def parse_args(argv=None):
     g.add_argument('--grad-style', choices=['signed', 'clip'], default='signed',
                    help='signed: G/||G||_2/max|G|, red + / green - on black (AELF); clip: raw '
                         'gradient clipped to +-3 std, rescaled to [0, 1] (AT-att-id Fig. 4)')
-    g.add_argument('--smoothgrad', type=int, default=0, metavar='N',
+    g.add_argument('--smoothgrad', type=common.number('[0, 10000]', int), default=0, metavar='N',
                    help='--grad-maps/--grad-signs: mean input gradient over N noisy copies (AGAIN '
                         'supplement Fig. 1, SmoothGrad); 0: the plain gradient')
-    g.add_argument('--smoothgrad-sigma', type=float, default=0.15,
+    g.add_argument('--smoothgrad-sigma', type=common.number('[0, 1]'), default=0.15,
                    help='std of the SmoothGrad noise (inputs in [0, 1]; Smilkov et al. use 10-20%%)')
     g.add_argument('--grad-signs', metavar='FILE.png', help='AELF Fig. 4: gradient signs above thresholds')
     g.add_argument('--sign-thresholds', default='0.1,0.3,0.5', help='thresholds for --grad-signs')
@@ -87,7 +87,7 @@ def parse_args(argv=None):
     g.add_argument('--gradmap-classifier', metavar='ST.pt',
                    help='AT-att-id Table 3: a standard model classifies the gradient maps')
     g.add_argument('--asc', action='store_true', help='AGAIN Eq. (2): attribution span coverage')
-    g.add_argument('--asc-threshold', type=float, default=0.5, help='lambda of Eq. (2)')
+    g.add_argument('--asc-threshold', type=common.number('[0, 1]'), default=0.5, help='lambda of Eq. (2)')
     g.add_argument('--cam', metavar='FILE.png', help='AGAIN Fig. 1: class activation maps')
     g.add_argument('--cam-style', choices=['overlay', 'raw'], default='overlay',
                    help='heat map over the input (as in the papers) or the grey map alone')
@@ -101,7 +101,7 @@ def parse_args(argv=None):
     g.add_argument('--compactness', nargs='?', const='', metavar='FILE.png',
                    help='AGAIN Fig. 4: within-class / between-centroid distance of features(x); '
                         'with FILE, a PCA picture of the features')
-    g.add_argument('--gen-gap', type=int, nargs='?', const=1000, metavar='N',
+    g.add_argument('--gen-gap', type=common.number('[1, inf)', int), nargs='?', const=1000, metavar='N',
                    help='AGAIN Sec. 5.6: natural, training-PGD and PGD-20 accuracy on N images the '
                         'checkpoint trained on (its training split without its validation images) and '
                         'on the test images (N of them unless --test-size), and the gaps train - test '
@@ -116,18 +116,14 @@ def parse_args(argv=None):
                    help="loss, training accuracy and val nat / adv / worst per epoch from each run's "
                         'log.jsonl, a line per run, best.pt\'s epoch starred')
     g.add_argument('--sanity', action='store_true', help='checks against gradient masking')
-    g.add_argument('--square-queries', type=int, default=5000,
+    g.add_argument('--square-queries', type=common.number('[1, 1000000]', int), default=5000,
                    help="queries of --sanity's gradient-free attack (AutoAttack's Square: 5000)")
     p.add_argument('--compile', nargs='?', const='default', choices=common.COMPILE_MODES, metavar='MODE',
                    help='torch.compile a copy of the model for the PGD columns (bare: "default"; '
                         '%(choices)s); AutoAttack and the analyses run eager (README "Speed")')
-    p.add_argument('--seed', type=int, default=0, help='seed for random starts and AutoAttack')
+    p.add_argument('--seed', type=common.number('[0, 4294967295]', int), default=0, help='seed for random starts and AutoAttack')
     p.add_argument('--json', help='write the numbers to this JSON file as well')
     args = p.parse_args(argv)
-    common.check_ranges(p, args, {
-        'test_size': '[1, inf)', 'batch_size': '[1, 100000]', 'eps': '[0, 1]', 'seed': '[0, 4294967295]',
-        'n_images': '[1, 64]', 'shift': '[1, 32]', 'smoothgrad': '[0, 10000]', 'smoothgrad_sigma': '[0, 1]',
-        'asc_threshold': '[0, 1]', 'square_queries': '[1, 1000000]', 'gen_gap': '[1, inf)'})
     for p_eps, p_steps, p_step in args.pgd or []:
         if not (0 <= p_eps <= 1 and p_steps in range(10001) and 0 <= p_step <= 1):
             p.error(f"--pgd {p_eps:g} {p_steps:g} {p_step:g}: EPS and STEP in [0, 1], STEPS a whole "
@@ -243,11 +239,16 @@ def training_attack(a, eps_override=None):
     return eps, steps, step_size, bool(a.get('random_start'))
 
 
+def head(split, n):
+    """The first n examples of a split (all when n is None)."""
+    return common.Split(split.x[:n], split.y[:n])
+
+
 def picture_inputs(path, args, device):
     """(model in eval mode, first --n-images test images as floats, their labels) of a checkpoint."""
     ckpt = common.load_checkpoint(path)
     model = common.model_from_checkpoint(ckpt, device, path).eval()
-    test = load_test_split(ckpt, args, device).head(args.n_images)
+    test = head(load_test_split(ckpt, args, device), args.n_images)
     return model, common.to_float(test.x), test.y
 
 
@@ -321,7 +322,7 @@ def evaluate(path, args, device):
     progress = Progress(path, len(test))
     labels = {key: label for label, key in columns}
     for name, attack in attacks.items():
-        common.seed_everything(args.seed)
+        torch.manual_seed(args.seed)
         masks[name] = common.correct(table_model, test, attack, args.batch_size)
         row[name + '_acc'] = 100.0 * masks[name].sum().item() / len(test)
         progress(labels.get(name, name), row[name + '_acc'])
@@ -354,7 +355,7 @@ def evaluate(path, args, device):
     if args.corrupt_span:
         row['corrupt_span'] = corrupted_span_table(model, ckpt, path, test, eps, args, device)
     if args.gen_gap:
-        row['gen_gap'] = generalization_gap(model, ckpt, path, test if args.test_size else test.head(args.gen_gap),
+        row['gen_gap'] = generalization_gap(model, ckpt, path, test if args.test_size else head(test, args.gen_gap),
                                             args, device)
         progress('generalization gap (robust, PGD-20)', row['gen_gap']['gap_pgd20'])
     if args.eps_curve:
@@ -378,7 +379,7 @@ def ase_diagnostics(model, test, batch_size):
     scaling, and the model's prediction is the ASE head's; the main head's accuracy on unscaled
     maps says how much it knows without the scaling."""
     hits = {'ase_head_acc': 0, 'ase_agreement': 0, 'ase_oracle_acc': 0, 'ase_unscaled_acc': 0}
-    for x, y in common.batches(test, batch_size, channels_last=common.use_channels_last(test.y.device)):
+    for x, y in common.batches(test, batch_size):
         main, ase = model.forward_heads(x)
         oracle, _ = model.forward_heads(x, y=y, y_fake=y, alpha=1.0)
         unscaled, _ = model.forward_heads(x, ase_inference='none')
@@ -612,7 +613,7 @@ def corrupted_span_table(model, ckpt, path, test, eps, args, device):
                               zip(x_all.split(args.batch_size), y_all.split(args.batch_size))])
         x, y, mask = x_all[keep], y_all[keep], masks[keep]
         hits = {'clean': 0, 'corrupted_clean': 0, 'adv': 0, 'corrupted_adv': 0}
-        common.seed_everything(args.seed)
+        torch.manual_seed(args.seed)
         for xb, yb, mb in zip(x.split(args.batch_size), y.split(args.batch_size), mask.split(args.batch_size)):
             x_adv = pgd(m, xb, yb, eps, 20, 2.5 * eps / 20, random_start=True)
             with torch.no_grad():
@@ -767,7 +768,7 @@ def training_images(ckpt, args, device, n):
     a = argparse.Namespace(**{**ckpt['args'], 'data_dir': args.data_dir or ckpt['args'].get('data_dir', './data'),
                               'val_size': ckpt['args'].get('val_size') or 0, 'test_size': 1})
     train, _, _ = common.load_data(a, device)
-    return train.head(n)
+    return head(train, n)
 
 
 def generalization_gap(model, ckpt, path, test, args, device):
@@ -786,7 +787,7 @@ def generalization_gap(model, ckpt, path, test, args, device):
     out['train_images'] = len(train)
     for part, split in (('train', train), ('test', test)):
         for name, attack in attacks.items():
-            common.seed_everything(args.seed)
+            torch.manual_seed(args.seed)
             out[f'{part}_{name}'] = 100.0 * common.correct(model, split, attack, args.batch_size).float().mean().item()
     for name in attacks:
         out[f'gap_{name}'] = out[f'train_{name}'] - out[f'test_{name}']
@@ -811,7 +812,7 @@ def eps_curve(model, split, radii, batch_size, loss='ce', seed=0):
     smaller ball lies inside the larger, so the curve cannot rise with eps."""
     alive, curve = None, []
     for e in sorted(radii):
-        common.seed_everything(seed)
+        torch.manual_seed(seed)
         ok = common.correct(model, split, lambda m, x, y: pgd(m, x, y, e, 20, 2.5 * e / 20, True, loss=loss),
                             batch_size)
         alive = ok if alive is None else alive & ok
@@ -1020,7 +1021,7 @@ def measure_sanity(model, test, eps, args, device, progress=None):
     must be at least as strong), at 2 eps and an unbounded eps, and against attacks that need no
     gradient (noise, Square, transfer)."""
     def acc(attack, seed=args.seed):
-        common.seed_everything(seed)
+        torch.manual_seed(seed)
         return common.correct(model, test, attack, args.batch_size)
 
     def pgd_n(steps, e=eps):
@@ -1167,7 +1168,7 @@ def main(argv=None):
     for name in ('transfer_from', 'gradmap_classifier'):
         if getattr(args, name):
             setattr(args, name, common.resolve_checkpoint(getattr(args, name)))
-    device = common.get_device(args.device)
+    device = common.setup(args)           # the device, seeded with --seed
     rows = []
     for path in args.ckpt:
         twin = next((r for r in rows if same_model(r['ckpt'], path)), None)

@@ -31,7 +31,6 @@ Reading of the paper, where it leaves room:
 
     python train_aelf.py --dataset mnist
 """
-import argparse
 import time
 
 import torch
@@ -42,20 +41,13 @@ from attacks import pgd
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=common.doc_title(__doc__),
-                                     formatter_class=common.HelpFormatter)
-    common.add_common_args(parser)
+    parser = common.parser(__doc__)
     g = parser.add_argument_group('AELF (Algorithm 1)')
-    g.add_argument('--lam', type=float, default=1.0, help='lambda, weight of L2 in the update of c')
+    g.add_argument('--lam', type=common.number('[0, 1000]'), default=1.0,
+                   help='lambda, weight of L2 in the update of c')
     g.add_argument('--distance', choices=['l2', 'l1', 'mse'], default='l2',
                    help="L2 = distance(f', stopgrad(f))")
-
-    def resolve(args):
-        args = common.finish_args(parser, args, common.aelf_protocol(args.dataset, args.model))
-        common.check_ranges(parser, args, {'lam': '[0, 1000]'})
-        return args
-    common.protocol_help(parser, resolve)
-    return resolve(parser.parse_args(argv))
+    return common.parse(parser, argv)      # AELF Appendix C
 
 
 def embedding_distance(f_adv, f_target, kind):
@@ -68,20 +60,18 @@ def embedding_distance(f_adv, f_target, kind):
     return diff.pow(2).mean()
 
 
-def aelf_step(model, opt_c, opt_w, x, x_adv, y, lam, distance, device=None, amp=False):
+def aelf_step(model, opt_c, opt_w, x, x_adv, y, lam, distance, amp=False):
     """One iteration of Algorithm 1 (lines 4-9) given x and its x'. Returns (L1, L2, logits)."""
-    device = device or x.device
     opt_c.zero_grad(set_to_none=True)
     opt_w.zero_grad(set_to_none=True)
-    with common.autocast(device, amp):
+    with common.autocast(x.device, amp):
         f = model.features(x)                                  # line 4: x -c-> f
-        target = f.detach().clone()   # line 8's f_bar, kept now: under --compile reduce-overhead
-        # (CUDA graphs) the next features() call reuses f's memory
+        target = f.detach().clone()                            # line 8's f_bar, a copy of f
         logits = model.fc(f).float()                           #          f -w-> y_hat
         loss1 = F.cross_entropy(logits, y)                     # line 5: L1
     loss1.backward()           # dL1/dw into w.grad and dL1/dc into c's .grad (same forward)
     opt_w.step()                                               # line 6: w <- w - dL1/dw
-    with common.autocast(device, amp):
+    with common.autocast(x.device, amp):
         f_adv = model.features(x_adv)                          # line 7: x' -c-> f'
         # line 8: f_bar <- f (constant): ``target`` above
         loss2 = embedding_distance(f_adv.float(), target.float(), distance)
@@ -93,9 +83,8 @@ def aelf_step(model, opt_c, opt_w, x, x_adv, y, lam, distance, device=None, amp=
 @common.main_guard
 def main(argv=None):
     args = parse_args(argv)
-    device = common.setup_distributed(args.device)   # torchrun: README "Several GPUs"
-    common.seed_everything(args.seed)
-    model = common.prepare_model(common.build_model(args), device)
+    device = common.setup(args)                     # seeded; torchrun: README "Several GPUs"
+    model = common.build_model(args, device)
     common.compile_model(model, args.compile)          # --compile: README "Speed"
     run = common.Run(args, 'aelf')
     train_set, val_set, test_set = common.load_data(args, device)
@@ -113,38 +102,29 @@ def main(argv=None):
     def attack(m, x, y, scale=1.0):   # scale < 1: the eps warm-up (--eps-warmup), training only
         return pgd(m, x, y, scale * args.eps, args.steps, scale * args.step_size, args.random_start)
 
-    print(f"AELF on {args.dataset} ({common.data_summary(train_set, val_set, test_set)}), "
-          f"{common.describe(model.arch_name, model.arch_kwargs)}, {common.attack_summary(args)}, "
-          f"lambda {args.lam}, distance {args.distance}, {device}", flush=True)
-    channels_last = common.use_channels_last(device)
+    print(f"AELF {common.summary(args, model, train_set, val_set, test_set)}, lambda {args.lam}, distance {args.distance}, {device}", flush=True)
     steps_per_epoch = -(-len(train_set) // args.batch_size)
     for epoch in range(run.start_epoch, args.epochs):
-        common.seed_epoch(args.seed, epoch)
-        lr = common.lr_at(epoch, args.lr, args.milestones)
-        common.set_lr(opt_c, lr)
-        common.set_lr(opt_w, lr)
-        scale = common.eps_scale(epoch, args.eps_warmup)   # 1 unless --eps-warmup
+        lr = common.start_epoch(epoch, args, opt_c, opt_w)   # re-seeded; lr x0.1 at --milestones
+        scale = min(1.0, (epoch + 1) / args.eps_warmup) if args.eps_warmup else 1.0   # --eps-warmup
         model.train()
-        progress = common.Progress(steps_per_epoch)
         loss_sum, dist_sum, n_correct, seen = 0.0, 0.0, 0, 0
         t0 = time.time()
         for step, (x, y) in enumerate(common.batches(train_set, args.batch_size, shuffle=True,
-                                                     padding=args.padding,
-                                                     channels_last=channels_last)):
+                                                     padding=args.padding)):
             with common.autocast(device, args.amp):
                 x_adv = attack(model, x, y, scale)             # line 3 (eval mode inside)
             loss1, loss2, logits = aelf_step(model, opt_c, opt_w, x, x_adv, y, args.lam,
-                                             args.distance, device, args.amp)   # lines 4-9
-            l1, l2 = common.batch_means(len(y), loss1, loss2)    # the whole batch's
+                                             args.distance, args.amp)           # lines 4-9
+            l1, l2 = common.check_finite(epoch, step, loss1, loss2)   # a NaN stops the run
             loss_value = l1 + args.lam * l2
-            common.check_finite(loss_value, epoch, step)
             loss_sum += l1 * len(y)
             dist_sum += l2 * len(y)
             n_correct += (logits.argmax(1) == y).sum()   # on the device: no sync per step
             seen += len(y)
-            progress.step(step + 1, seen, loss_value)
+            run.progress(step + 1, steps_per_epoch, seen, loss_value)
         seconds = time.time() - t0
-        loss_sum, dist_sum, n_correct, seen = common.sum_over_processes(
+        loss_sum, dist_sum, n_correct, seen = common.all_sum(
             loss_sum, dist_sum, int(n_correct), seen)
 
         final = epoch + 1 == args.epochs
@@ -157,10 +137,7 @@ def main(argv=None):
         run.log_epoch(record, args.epochs)
         run.save(model, epoch + 1, {'c': opt_c.state_dict(), 'w': opt_w.state_dict()}, metrics,
                  score=metrics.get('val_worst'), finished=final)
-    if run.start_epoch < args.epochs or not run.tested:      # final.json not yet written
-        run.finish(model, test_set, attack)
-    else:
-        print(f"{run.dir} already holds all {args.epochs} epochs; nothing to do")
+    run.finish(model, test_set, attack)      # final.json (nothing to do if it holds the last epoch)
 
 
 if __name__ == '__main__':

@@ -39,7 +39,6 @@ Reading of the paper, where it leaves room:
 
     python train_aelfs.py --dataset mnist     # ST phase, then AELFs: AELF Table 2's row
 """
-import argparse
 import math
 import os
 import time
@@ -101,17 +100,15 @@ def beta_in_paper_units(beta, reading, dim, model):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=common.doc_title(__doc__),
-                                     formatter_class=common.HelpFormatter)
-    common.add_common_args(parser)
+    parser = common.parser(__doc__)
     g = parser.add_argument_group('AELFs (Eq. (10))')
-    g.add_argument('--lambda1', type=float, default=0.5, help='weight of CE on natural inputs')
-    g.add_argument('--lambda2', type=float, default=0.5, help='weight of CE on adversarial inputs')
-    g.add_argument('--beta', type=float,
+    g.add_argument('--lambda1', type=common.number('[0, 1000]'), default=0.5, help='weight of CE on natural inputs')
+    g.add_argument('--lambda2', type=common.number('[0, 1000]'), default=0.5, help='weight of CE on adversarial inputs')
+    g.add_argument('--beta', type=common.number('[0, 1000]'),
                    help="weight of the norm term, on the --feature-norm reading: 0.1 on ||f||_2 "
                         "for cnn_b (paper: 0.5, which collapses this model: README \"Findings\"), "
                         "0.2 for wrn (the paper's, untested here)")
-    g.add_argument('--beta-adv', type=float, help="weight of the f' norm term (default: --beta)")
+    g.add_argument('--beta-adv', type=common.number('[0, 1000]'), help="weight of the f' norm term (default: --beta)")
     g.add_argument('--split', choices=['half', 'full'], default='half',
                    help='half: 2nd half of the batch adversarial (the paper); full: whole batch twice')
     g.add_argument('--feature-norm', choices=sorted(FEATURE_NORMS), default='l2',
@@ -121,31 +118,16 @@ def parse_args(argv=None):
                    help='mixed: x and x\' in one forward pass (one set of BatchNorm batch '
                         'statistics); separate: one pass each')
     g.add_argument('--init', help='ST checkpoint (train_at.py --standard) to start from')
-    g.add_argument('--st-epochs', type=int, help='epochs of the in-script ST phase')
-    g.add_argument('--st-milestones', type=int, nargs='*', help='lr milestones of the ST phase')
+    g.add_argument('--st-epochs', type=common.number('[1, 100000]', int), help='epochs of the in-script ST phase')
+    g.add_argument('--st-milestones', type=common.number('[1, 100000]', int), nargs='*', help='lr milestones of the ST phase')
 
-    def resolve(args):
-        if args.act is None:
-            args.act = 'leakyrelu'          # Alg. 2 note: ReLU units can lock after ST init
-        protocol = common.aelf_protocol(args.dataset, args.model)
-        st = common.aelf_protocol(args.dataset, args.model, standard=True)
-        args = common.finish_args(parser, args, protocol)
-        if args.quick:                  # the ST phase of the quick protocol: the ST row's run
-            st.update(epochs=common.QUICK['epochs'], milestones=common.QUICK['milestones'])
-        if args.st_epochs is None:
-            args.st_epochs = st['epochs']
-        if args.st_milestones is None:
-            args.st_milestones = st['milestones']
-        if args.beta is None:
-            args.beta = DEFAULT_BETA.get(args.model, DEFAULT_BETA['cnn_b'])
-        if args.beta_adv is None:
-            args.beta_adv = args.beta
-        common.check_ranges(parser, args, {
-            'lambda1': '[0, 1000]', 'lambda2': '[0, 1000]', 'beta': '[0, 1000]', 'beta_adv': '[0, 1000]',
-            'st_epochs': '[1, 100000]', 'st_milestones': '[1, 100000]'})
-        return args
-    common.protocol_help(parser, resolve)
-    return resolve(parser.parse_args(argv))
+    def protocol(first, defaults):         # AELF Appendix C and Algorithm 2's notes
+        defaults['act'] = 'leakyrelu'       # Alg. 2 note: ReLU units can lock after ST init
+        st = common.QUICK if first.quick else common.aelf_protocol(first.dataset, first.model, standard=True)
+        defaults.update(st_epochs=st['epochs'], st_milestones=st['milestones'])   # --quick: the ST row's run
+        defaults['beta'] = DEFAULT_BETA.get(first.model or defaults['model'], DEFAULT_BETA['cnn_b'])
+        defaults['beta_adv'] = first.beta if first.beta is not None else defaults['beta']
+    return common.parse(parser, argv, protocol)
 
 
 def aelfs_loss(model, x_nat, x_adv, y_nat, y_adv, lambda1, lambda2, beta, beta_adv,
@@ -164,30 +146,26 @@ def aelfs_loss(model, x_nat, x_adv, y_nat, y_adv, lambda1, lambda2, beta, beta_a
     return loss, torch.cat([logit_nat, logit_adv]), f, f_adv
 
 
-def standard_training(model, args, train_set, device, channels_last):
+def standard_training(model, args, train_set, device):
     """Alg. 2, line 1: ST on the natural set (the ST protocol of the dataset)."""
     optimizer = common.distributed_optimizer(torch.optim.SGD(
         model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay))
     for epoch in range(args.st_epochs):
-        common.seed_epoch(args.seed + 1, epoch)
-        lr = common.lr_at(epoch, args.lr, args.st_milestones)
-        common.set_lr(optimizer, lr)
+        lr = common.start_epoch(epoch, args, optimizer, seed=args.seed + 1, milestones=args.st_milestones)
         model.train()
         t0, seen, loss_sum = time.time(), 0, 0.0
         for step, (x, y) in enumerate(common.batches(train_set, args.batch_size, shuffle=True,
-                                                     padding=args.padding,
-                                                     channels_last=channels_last)):
+                                                     padding=args.padding)):
             with common.autocast(device, args.amp):
                 loss = F.cross_entropy(model(x).float(), y)   # Eq. (1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            (loss_value,) = common.batch_means(len(y), loss)   # the whole batch's
-            common.check_finite(loss_value, epoch, step)
+            (loss_value,) = common.check_finite(epoch, step, loss)   # a NaN stops the run
             loss_sum += loss_value * len(y)
             seen += len(y)
         seconds = time.time() - t0
-        loss_sum, seen = common.sum_over_processes(loss_sum, seen)
+        loss_sum, seen = common.all_sum(loss_sum, seen)
         print(f"ST phase epoch {epoch + 1}/{args.st_epochs} | lr {lr:.4g} | loss {loss_sum / seen:.4f} | "
               f"{seconds:.1f}s | {seen / seconds:.0f} img/s", flush=True)
 
@@ -195,16 +173,14 @@ def standard_training(model, args, train_set, device, channels_last):
 @common.main_guard
 def main(argv=None):
     args = parse_args(argv)
-    device = common.setup_distributed(args.device)   # torchrun: README "Several GPUs"
-    common.seed_everything(args.seed)
-    model = common.prepare_model(common.build_model(args), device)
+    device = common.setup(args)                     # seeded; torchrun: README "Several GPUs"
+    model = common.build_model(args, device)
     common.compile_model(model, args.compile)          # --compile: README "Speed"
     run = common.Run(args, 'aelfs')
     st_path = os.path.join(run.dir, 'st.pt')
     if args.init:
         common.load_weights_into(model, args.init)   # one-line error for another model
     train_set, val_set, test_set = common.load_data(args, device)
-    channels_last = common.use_channels_last(device)
 
     def attack(m, x, y, scale=1.0):   # scale < 1: the eps warm-up (--eps-warmup), training only
         return pgd(m, x, y, scale * args.eps, args.steps, scale * args.step_size, args.random_start)
@@ -216,8 +192,8 @@ def main(argv=None):
             print(f"using the ST phase saved in {st_path}")
         else:
             print(f"ST phase: {args.st_epochs} epochs on clean data (saved to {st_path})", flush=True)
-            standard_training(model, args, train_set, device, channels_last)
-            st_metrics = {'val_nat': common.accuracy(model, val_set)} if len(val_set) else {}
+            standard_training(model, args, train_set, device)
+            st_metrics = common.validation_metrics(model, val_set, None, args) if len(val_set) else {}
             common.save_checkpoint(st_path, model, args, args.st_epochs, None, st_metrics,
                                    finished=True, script='aelfs-st-phase')
             print(f"ST phase done" + (f": val nat {st_metrics['val_nat']:.2f}%" if st_metrics else ''),
@@ -231,28 +207,22 @@ def main(argv=None):
     w_start = {k: v.detach().clone() for k, v in model.fc.state_dict().items()}
 
     dim = model.fc.in_features
-    print(f"AELFs on {args.dataset} ({common.data_summary(train_set, val_set, test_set)}), "
-          f"{common.describe(model.arch_name, model.arch_kwargs)}, {common.attack_summary(args)}, "
-          f"lambda {args.lambda1}:{args.lambda2}, {beta_in_paper_units(args.beta, args.feature_norm, dim, args.model)}"
+    print(f"AELFs {common.summary(args, model, train_set, val_set, test_set)}, lambda {args.lambda1}:{args.lambda2}, {beta_in_paper_units(args.beta, args.feature_norm, dim, args.model)}"
           f"{f', beta_adv {args.beta_adv:g}' if args.beta_adv != args.beta else ''}, "
           f"split {args.split}, BN {args.bn_batch}, init {args.init or st_path}, {device}", flush=True)
     steps_per_epoch = -(-len(train_set) // args.batch_size)
     watch = common.CollapseWatch(
-        common.DATASETS[args.dataset].num_classes,
+        args.dataset,
         f"beta {args.beta:g}/{args.beta_adv:g} on --feature-norm {args.feature_norm} is too strong for "
         f"this model; try a smaller beta with the same reading (e.g. --beta {args.beta / 10:g})")
     for epoch in range(run.start_epoch, args.epochs):
-        common.seed_epoch(args.seed, epoch)
-        lr = common.lr_at(epoch, args.lr, args.milestones)
-        common.set_lr(optimizer, lr)
-        scale = common.eps_scale(epoch, args.eps_warmup)   # 1 unless --eps-warmup
+        lr = common.start_epoch(epoch, args, optimizer)   # re-seeded; lr x0.1 at --milestones
+        scale = min(1.0, (epoch + 1) / args.eps_warmup) if args.eps_warmup else 1.0   # --eps-warmup
         model.train()
-        progress = common.Progress(steps_per_epoch)
         loss_sum, n_correct, n_predicted, seen = 0.0, 0, 0, 0
         t0 = time.time()
         for step, (x, y) in enumerate(common.batches(train_set, args.batch_size, shuffle=True,
-                                                     padding=args.padding,
-                                                     channels_last=channels_last)):
+                                                     padding=args.padding)):
             with common.autocast(device, args.amp):
                 # Alg. 2, lines 3-4: the second half of the batch becomes adversarial (App. C)
                 if args.split == 'half':
@@ -268,16 +238,15 @@ def main(argv=None):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()                                  # Alg. 2, line 7: c only
-            (loss_value,) = common.batch_means(len(y), loss)   # the whole batch's
-            common.check_finite(loss_value, epoch, step)
+            (loss_value,) = common.check_finite(epoch, step, loss)   # a NaN stops the run
             loss_sum += loss_value * len(y)
             n_correct += (logits.argmax(1) == torch.cat([y_nat, y_adv])).sum()   # on the device: no sync per step
             n_predicted += len(logits)
             seen += len(y)
             watch.step(f, f_adv, logits[:len(y_nat)], y_nat, epoch)
-            progress.step(step + 1, seen, loss_value)
+            run.progress(step + 1, steps_per_epoch, seen, loss_value)
         seconds = time.time() - t0
-        loss_sum, n_correct, n_predicted, seen = common.sum_over_processes(
+        loss_sum, n_correct, n_predicted, seen = common.all_sum(
             loss_sum, int(n_correct), n_predicted, seen)
 
         final = epoch + 1 == args.epochs
@@ -294,10 +263,7 @@ def main(argv=None):
                  finished=final, init=args.init or st_path)
     if not all(torch.equal(v, model.fc.state_dict()[k]) for k, v in w_start.items()):
         raise RuntimeError('w (fc) changed during AELFs: it must stay frozen')   # never expected
-    if run.start_epoch < args.epochs or not run.tested:      # final.json not yet written
-        run.finish(model, test_set, attack)
-    else:
-        print(f"{run.dir} already holds all {args.epochs} epochs; nothing to do")
+    run.finish(model, test_set, attack)      # final.json (nothing to do if it holds the last epoch)
 
 
 if __name__ == '__main__':

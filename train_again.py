@@ -49,7 +49,6 @@ Method side, top to bottom (supplement Algorithm 1):
 
     python train_again.py --dataset cifar10           # AGAIN-PGD-AT, Table 2
 """
-import argparse
 import copy
 import time
 
@@ -60,43 +59,32 @@ import common
 from attacks import pgd
 
 
-def protocol(dataset, model):
-    p = common.aelf_protocol(dataset, model)
-    if dataset != 'mnist':
-        p.update(model='resnet18', epochs=120, milestones=[75, 90], weight_decay=5e-4, padding=4,
-                 eps=8 / 255, steps=10, step_size=4 / 255, random_start=True)
-    return p
-
-
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=common.doc_title(__doc__),
-                                     formatter_class=common.HelpFormatter)
-    common.add_common_args(parser)
+    parser = common.parser(__doc__)
     g = parser.add_argument_group('AGAIN')
-    g.add_argument('--alpha', type=float, default=0.6, help='weight of the true-label span (Eq. (4))')
-    g.add_argument('--ase-layer', type=int, help='stage of the ASE head (resnet18: 4; cnn_b: 5; wrn: 3; vgg16: 5)')
+    g.add_argument('--alpha', type=common.number('[0, 1]'), default=0.6, help='weight of the true-label span (Eq. (4))')
+    g.add_argument('--ase-layer', type=common.number('[1, 5]', int), help='stage of the ASE head (resnet18: 4; cnn_b: 5; wrn: 3; vgg16: 5)')
     g.add_argument('--no-ase', action='store_true', help='ablation: no ASE head (Table 6)')
     g.add_argument('--no-hff', action='store_true', help='ablation: no HFF (Table 6)')
     g.add_argument('--attack-loss', choices=['both', 'main'], default='both',
                    help='training PGD on CE(main) + CE(ASE) (adaptive) or CE(main)')
     g.add_argument('--base', choices=['at', 'mart'], default='at', help='AGAIN-PGD-AT or AGAIN-MART')
-    g.add_argument('--mart-lambda', type=float, default=6.0, help="MART's KL weight")
-    g.add_argument('--awp-gamma', type=float, default=0.0, help='AGAIN-AWP: AWP gamma (5e-3); 0 = off')
-    g.add_argument('--awp-warmup', type=int, default=10,
+    g.add_argument('--mart-lambda', type=common.number('[0, 1000]'), default=6.0, help="MART's KL weight")
+    g.add_argument('--awp-gamma', type=common.number('[0, 1]'), default=0.0, help='AGAIN-AWP: AWP gamma (5e-3); 0 = off')
+    g.add_argument('--awp-warmup', type=common.number('[0, 100000]', int), default=10,
                    help='first epoch with AWP, counted from 1 as the reference code does (10: epochs '
                         '1-9 without AWP; 0 or 1: AWP from the start)')
 
-    def resolve(args):
-        args = common.finish_args(parser, args, protocol(args.dataset, args.model))
-        if args.model not in ('resnet18', 'cnn_b', 'wrn', 'vgg16'):
-            parser.error('AGAIN here supports --model resnet18, cnn_b, wrn or vgg16')
-        if args.ase_layer is None:       # the stage before global pooling
-            args.ase_layer = {'resnet18': 4, 'cnn_b': 5, 'wrn': 3, 'vgg16': 5}[args.model]
-        common.check_ranges(parser, args, {'alpha': '[0, 1]', 'ase_layer': '[1, 5]', 'mart_lambda': '[0, 1000]',
-                                           'awp_gamma': '[0, 1]', 'awp_warmup': '[0, 100000]'})
-        return args
-    common.protocol_help(parser, resolve)
-    return resolve(parser.parse_args(argv))
+    def protocol(first, p):      # CIFAR: AGAIN Sec. 5.2.1; MNIST: the AELF protocol
+        if first.dataset != 'mnist':
+            p.update(model='resnet18', epochs=120, milestones=[75, 90], weight_decay=5e-4, padding=4,
+                     eps=8 / 255, steps=10, step_size=4 / 255, random_start=True)
+        model = first.model or p['model']
+        p['ase_layer'] = {'resnet18': 4, 'cnn_b': 5, 'wrn': 3, 'vgg16': 5}.get(model)   # before the pool
+    args = common.parse(parser, argv, protocol)
+    if args.model not in ('resnet18', 'cnn_b', 'wrn', 'vgg16'):
+        parser.error('AGAIN here supports --model resnet18, cnn_b, wrn or vgg16')
+    return args
 
 
 # ------------------------------------------------------------------------- HFF, Eq. (5), (6)
@@ -139,7 +127,7 @@ def hff(a, gammas=None):
 
 def use_again(i, n):
     """Supplement Algorithm 1, lines 2-5: AGAIN with probability i / N."""
-    return torch.rand(()).item() < i / n
+    return torch.rand((), generator=common.DIST.shared).item() < i / n   # one draw for all processes
 
 
 def mart_loss(logits_adv, logits_nat, y, lam):
@@ -211,10 +199,9 @@ def add_to_weights(model, diff, sign):
 @common.main_guard
 def main(argv=None):
     args = parse_args(argv)
-    device = common.setup_distributed(args.device)   # torchrun: README "Several GPUs"
-    common.seed_everything(args.seed)
+    device = common.setup(args)                     # seeded; torchrun: README "Several GPUs"
     extra = {} if args.no_ase else {'ase_layer': args.ase_layer}
-    model = common.prepare_model(common.build_model(args, **extra), device)
+    model = common.build_model(args, device, **extra)
     proxy = copy.deepcopy(model) if args.awp_gamma > 0 else None
     common.compile_model(model, args.compile)          # --compile (after the copy: README "Speed")
     name = 'again' + ('-mart' if args.base == 'mart' else '') + ('-awp' if args.awp_gamma else '')
@@ -226,7 +213,7 @@ def main(argv=None):
     if not args.no_hff:   # fail now, not at the first AGAIN step, if HFF cannot run there
         with torch.no_grad():
             model.eval()
-            model.forward_heads(common.to_float(train_set.x[:2]), transform=hff,
+            model.forward_heads(next(common.batches(train_set, 2))[0], transform=hff,
                                 transform_index=model.stage_index(args.ase_layer))
 
     def train_attack_loss(m, x_adv, y):        # the adaptive attack: both heads' losses
@@ -240,26 +227,19 @@ def main(argv=None):
         return pgd(m, x, y, scale * args.eps, args.steps, scale * args.step_size, args.random_start,
                    loss=train_attack_loss)
 
-    print(f"AGAIN ({args.base}{', AWP ' + str(args.awp_gamma) if args.awp_gamma else ''}) on "
-          f"{args.dataset} ({common.data_summary(train_set, val_set, test_set)}), "
-          f"{common.describe(model.arch_name, model.arch_kwargs)}, {common.attack_summary(args)} "
-          f"on {args.attack_loss}, alpha {args.alpha}, ASE {'off' if args.no_ase else args.ase_layer}, "
+    print(f"AGAIN ({args.base}{', AWP ' + str(args.awp_gamma) if args.awp_gamma else ''}) "
+          f"{common.summary(args, model, train_set, val_set, test_set)} on {args.attack_loss}, alpha {args.alpha}, ASE {'off' if args.no_ase else args.ase_layer}, "
           f"HFF {'off' if args.no_hff else 'on'}, {device}", flush=True)
-    channels_last = common.use_channels_last(device)
     steps_per_epoch = -(-len(train_set) // args.batch_size)
     total_iterations = args.epochs * steps_per_epoch                 # N of Algorithm 1
     for epoch in range(run.start_epoch, args.epochs):
-        common.seed_epoch(args.seed, epoch)
-        lr = common.lr_at(epoch, args.lr, args.milestones)
-        common.set_lr(optimizer, lr)
-        scale = common.eps_scale(epoch, args.eps_warmup)   # 1 unless --eps-warmup
+        lr = common.start_epoch(epoch, args, optimizer)   # re-seeded; lr x0.1 at --milestones
+        scale = min(1.0, (epoch + 1) / args.eps_warmup) if args.eps_warmup else 1.0   # --eps-warmup
         model.train()
-        progress = common.Progress(steps_per_epoch)
         loss_sum, n_correct, seen, n_again = 0.0, 0, 0, 0
         t0 = time.time()
         for step, (x, y) in enumerate(common.batches(train_set, args.batch_size, shuffle=True,
-                                                     padding=args.padding,
-                                                     channels_last=channels_last)):
+                                                     padding=args.padding)):
             i = epoch * steps_per_epoch + step
             again = use_again(i, total_iterations)                   # Algorithm 1, lines 2-3
             with common.autocast(device, args.amp):
@@ -274,15 +254,14 @@ def main(argv=None):
             optimizer.step()
             if diff is not None:
                 add_to_weights(model, diff, -1.0)                    # restore
-            (loss_value,) = common.batch_means(len(y), loss)   # the whole batch's
-            common.check_finite(loss_value, epoch, step)
+            (loss_value,) = common.check_finite(epoch, step, loss)   # a NaN stops the run
             loss_sum += loss_value * len(y)
             n_correct += (logits.argmax(1) == y).sum()   # on the device: no sync per step
             seen += len(y)
             n_again += int(again)
-            progress.step(step + 1, seen, loss_value)
+            run.progress(step + 1, steps_per_epoch, seen, loss_value)
         seconds = time.time() - t0
-        loss_sum, n_correct, seen = common.sum_over_processes(loss_sum, int(n_correct), seen)
+        loss_sum, n_correct, seen = common.all_sum(loss_sum, int(n_correct), seen)
 
         final = epoch + 1 == args.epochs
         metrics = {}          # the validation split, never the test split, chooses best.pt
@@ -294,10 +273,7 @@ def main(argv=None):
         run.log_epoch(record, args.epochs)
         run.save(model, epoch + 1, optimizer.state_dict(), metrics, score=metrics.get('val_worst'),
                  finished=final)
-    if run.start_epoch < args.epochs or not run.tested:      # final.json not yet written
-        run.finish(model, test_set, attack)
-    else:
-        print(f"{run.dir} already holds all {args.epochs} epochs; nothing to do")
+    run.finish(model, test_set, attack)      # final.json (nothing to do if it holds the last epoch)
 
 
 if __name__ == '__main__':

@@ -22,7 +22,6 @@ loop written out top to bottom, a per-epoch evaluation on the --val-size validat
 training images) with the training PGD, the test set once after the last epoch, and a run folder
 (last.pt, best.pt, log.jsonl, final.json).
 """
-import argparse
 import time
 
 import torch
@@ -33,19 +32,11 @@ from attacks import pgd
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=common.doc_title(__doc__),
-                                     formatter_class=common.HelpFormatter)
-    common.add_common_args(parser)
+    parser = common.parser(__doc__)
     parser.add_argument('--standard', action='store_true', help='ST: train on clean inputs only')
     parser.add_argument('--init', help='start from this checkpoint of the same model (e.g. AT '
                                        'fine-tuned from the ST init AELFs starts from)')
-
-    def resolve(args):
-        protocol = common.aelf_protocol(args.dataset, args.model, standard=args.standard)
-        return common.finish_args(parser, args, protocol)
-    common.protocol_help(parser, resolve, {**common.DATASET_VARIANTS,
-                                           'ST cifar': ['--dataset', 'cifar10', '--standard']})
-    return resolve(parser.parse_args(argv))
+    return common.parse(parser, argv)      # AELF Appendix C (ST's epochs with --standard)
 
 
 def at_loss(model, x, y, attack, standard=False):
@@ -59,9 +50,8 @@ def at_loss(model, x, y, attack, standard=False):
 @common.main_guard
 def main(argv=None):
     args = parse_args(argv)
-    device = common.setup_distributed(args.device)   # torchrun: README "Several GPUs"
-    common.seed_everything(args.seed)
-    model = common.prepare_model(common.build_model(args), device)
+    device = common.setup(args)                     # seeded; torchrun: README "Several GPUs"
+    model = common.build_model(args, device)
     common.compile_model(model, args.compile)          # --compile: README "Speed"
     run = common.Run(args, 'st' if args.standard else 'at')
     if args.init and run.resume_ckpt is None:
@@ -75,38 +65,30 @@ def main(argv=None):
         # scale < 1: the eps warm-up (--eps-warmup), training only
         return pgd(m, x, y, scale * args.eps, args.steps, scale * args.step_size, args.random_start)
 
-    print(f"{'ST' if args.standard else 'AT'} on {args.dataset} ({common.data_summary(train_set, val_set, test_set)}), "
-          f"{common.describe(model.arch_name, model.arch_kwargs)}, "
-          f"{'no attack' if args.standard else common.attack_summary(args)}, "
-          f"init {args.init or 'random'}, {device}", flush=True)
-    channels_last = common.use_channels_last(device)
+    print(f"{'ST' if args.standard else 'AT'} {common.summary(args, model, train_set, val_set, test_set, 'no attack' if args.standard else None)}"
+          f", init {args.init or 'random'}, {device}", flush=True)
     steps_per_epoch = -(-len(train_set) // args.batch_size)
     for epoch in range(run.start_epoch, args.epochs):
-        common.seed_epoch(args.seed, epoch)
-        lr = common.lr_at(epoch, args.lr, args.milestones)
-        common.set_lr(optimizer, lr)
-        scale = common.eps_scale(epoch, args.eps_warmup)   # 1 unless --eps-warmup
+        lr = common.start_epoch(epoch, args, optimizer)   # re-seeded; lr x0.1 at --milestones
+        scale = min(1.0, (epoch + 1) / args.eps_warmup) if args.eps_warmup else 1.0   # --eps-warmup
         model.train()
-        progress = common.Progress(steps_per_epoch)
         loss_sum, n_correct, seen = 0.0, 0, 0
         t0 = time.time()
         for step, (x, y) in enumerate(common.batches(train_set, args.batch_size, shuffle=True,
-                                                     padding=args.padding,
-                                                     channels_last=channels_last)):
+                                                     padding=args.padding)):
             with common.autocast(device, args.amp):
                 loss, logits = at_loss(model, x, y, lambda m, a, b: attack(m, a, b, scale),
                                        args.standard)                         # Eq. (3) / Eq. (1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            (loss_value,) = common.batch_means(len(y), loss)   # the whole batch's
-            common.check_finite(loss_value, epoch, step)
+            (loss_value,) = common.check_finite(epoch, step, loss)   # a NaN stops the run
             loss_sum += loss_value * len(y)
             n_correct += (logits.argmax(1) == y).sum()   # on the device: no sync per step
             seen += len(y)
-            progress.step(step + 1, seen, loss_value)
+            run.progress(step + 1, steps_per_epoch, seen, loss_value)
         seconds = time.time() - t0
-        loss_sum, n_correct, seen = common.sum_over_processes(loss_sum, int(n_correct), seen)
+        loss_sum, n_correct, seen = common.all_sum(loss_sum, int(n_correct), seen)
 
         final = epoch + 1 == args.epochs
         metrics = {}          # the validation split, never the test split, chooses best.pt
@@ -118,10 +100,7 @@ def main(argv=None):
         run.log_epoch(record, args.epochs)
         run.save(model, epoch + 1, optimizer.state_dict(), metrics, finished=final,
                  score=metrics.get('val_nat' if args.standard else 'val_worst'))
-    if run.start_epoch < args.epochs or not run.tested:      # final.json not yet written
-        run.finish(model, test_set, attack)
-    else:
-        print(f"{run.dir} already holds all {args.epochs} epochs; nothing to do")
+    run.finish(model, test_set, attack)      # final.json (nothing to do if it holds the last epoch)
 
 
 if __name__ == '__main__':

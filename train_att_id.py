@@ -39,7 +39,6 @@ Reading of the paper, where it leaves room:
     python train_att_id.py --dataset mnist                  # AT-id, Table 1
     python train_att_id.py --dataset cifar10 --mode att-id  # AT-att-id, Table 2
 """
-import argparse
 import time
 
 import torch
@@ -67,36 +66,30 @@ def protocol(dataset, mode):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=common.doc_title(__doc__),
-                                     formatter_class=common.HelpFormatter)
-    common.add_common_args(parser)
+    parser = common.parser(__doc__)
     parser.add_argument('--mode', choices=['id', 'att', 'att-id'], default='id',
                         help='id: Eq. (7) on a plain model; att: the attention model (Eq. (3)-(5)), '
                              'no denoising term; att-id: both (att and att-id need --model att_resnet)')
-    parser.add_argument('--lam', type=float, help='lambda of Eq. (7) (see the docstring)')
+    parser.add_argument('--lam', type=common.number('[0, 1000]'), help='lambda of Eq. (7) (see the docstring)')
     parser.add_argument('--optimizer', choices=['adam', 'sgd'],
                         help="Madry et al.'s: adam on MNIST (lr 1e-4), sgd on CIFAR-10 (momentum 0.9)")
 
-    def resolve(args):
-        if args.dataset == 'mnist' and args.mode != 'id':
+    def madry(first, defaults):
+        if first.dataset == 'mnist' and first.mode != 'id':
             parser.error('the paper uses no attention on MNIST: use --mode id there')
-        p = protocol(args.dataset, args.mode)
-        if args.quick:       # the results table's row: the other methods' model, optimiser and PGD
-            p.update(model='cnn_b', optimizer='sgd', lr=0.1, momentum=0.9, weight_decay=5e-4,
-                     batch_size=128, steps=16, random_start=False)
-        if args.optimizer is not None and args.optimizer != p['optimizer']:
+        defaults.update(protocol(first.dataset, first.mode))
+        if first.quick:       # the results table's row: the other methods' model, optimiser and PGD
+            defaults.update(model='cnn_b', optimizer='sgd', lr=0.1, momentum=0.9, weight_decay=5e-4,
+                            batch_size=128, steps=16, random_start=False)
+        if first.optimizer is not None and first.optimizer != defaults['optimizer']:
             # the other optimiser's own lr and weight decay (never Adam's lr 1e-4 under SGD):
             # SGD as in the AELF protocol (lr 0.1, momentum 0.9, wd 5e-4), Adam as in Madry's MNIST
-            p.update(dict(lr=0.1, weight_decay=5e-4) if args.optimizer == 'sgd' else
-                     dict(lr=1e-4, weight_decay=0.0))
-        args = common.finish_args(parser, args, p)
-        if args.mode in ('att', 'att-id') and args.model != 'att_resnet':
-            parser.error(f'--mode {args.mode} needs --model att_resnet')
-        common.check_ranges(parser, args, {'lam': '[0, 1000]'})
-        return args
-    common.protocol_help(parser, resolve, {'mnist': [], 'cifar10': ['--dataset', 'cifar10'],
-                                           'cifar10 attention': ['--dataset', 'cifar10', '--mode', 'att-id']})
-    return resolve(parser.parse_args(argv))
+            defaults.update(dict(lr=0.1, weight_decay=5e-4) if first.optimizer == 'sgd' else
+                            dict(lr=1e-4, weight_decay=0.0))
+    args = common.parse(parser, argv, madry)
+    if args.mode in ('att', 'att-id') and args.model != 'att_resnet':
+        parser.error(f'--mode {args.mode} needs --model att_resnet')
+    return args
 
 
 def att_id_loss(model, x, x_adv, y, lam):
@@ -113,9 +106,8 @@ def att_id_loss(model, x, x_adv, y, lam):
 @common.main_guard
 def main(argv=None):
     args = parse_args(argv)
-    device = common.setup_distributed(args.device)   # torchrun: README "Several GPUs"
-    common.seed_everything(args.seed)
-    model = common.prepare_model(common.build_model(args), device)
+    device = common.setup(args)                     # seeded; torchrun: README "Several GPUs"
+    model = common.build_model(args, device)
     common.compile_model(model, args.compile)          # --compile: README "Speed"
     run = common.Run(args, 'at-' + args.mode)
     train_set, val_set, test_set = common.load_data(args, device)
@@ -131,38 +123,30 @@ def main(argv=None):
         return pgd(m, x, y, scale * args.eps, args.steps, scale * args.step_size, args.random_start)
 
     name = 'AT (Madry et al.: AT-id with lambda 0)' if args.mode == 'id' and args.lam == 0 else f'AT-{args.mode}'
-    print(f"{name} on {args.dataset} ({common.data_summary(train_set, val_set, test_set)}), "
-          f"{common.describe(model.arch_name, model.arch_kwargs)}, {common.attack_summary(args)}, "
-          f"lambda {args.lam}, {args.optimizer} lr {args.lr} batch {args.batch_size}, {device}",
+    print(f"{name} {common.summary(args, model, train_set, val_set, test_set)}, lambda {args.lam}, {args.optimizer} lr {args.lr} batch {args.batch_size}, {device}",
           flush=True)
-    channels_last = common.use_channels_last(device)
     steps_per_epoch = -(-len(train_set) // args.batch_size)
     for epoch in range(run.start_epoch, args.epochs):
-        common.seed_epoch(args.seed, epoch)
-        lr = common.lr_at(epoch, args.lr, args.milestones)
-        common.set_lr(optimizer, lr)
-        scale = common.eps_scale(epoch, args.eps_warmup)   # 1 unless --eps-warmup
+        lr = common.start_epoch(epoch, args, optimizer)   # re-seeded; lr x0.1 at --milestones
+        scale = min(1.0, (epoch + 1) / args.eps_warmup) if args.eps_warmup else 1.0   # --eps-warmup
         model.train()
-        progress = common.Progress(steps_per_epoch)
         loss_sum, n_correct, seen = 0.0, 0, 0
         t0 = time.time()
         for step, (x, y) in enumerate(common.batches(train_set, args.batch_size, shuffle=True,
-                                                     padding=args.padding,
-                                                     channels_last=channels_last)):
+                                                     padding=args.padding)):
             with common.autocast(device, args.amp):
                 x_adv = attack(model, x, y, scale)              # eval mode inside
                 loss, logits = att_id_loss(model, x, x_adv, y, args.lam)   # Eq. (7)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            (loss_value,) = common.batch_means(len(y), loss)   # the whole batch's
-            common.check_finite(loss_value, epoch, step)
+            (loss_value,) = common.check_finite(epoch, step, loss)   # a NaN stops the run
             loss_sum += loss_value * len(y)
             n_correct += (logits.argmax(1) == y).sum()   # on the device: no sync per step
             seen += len(y)
-            progress.step(step + 1, seen, loss_value)
+            run.progress(step + 1, steps_per_epoch, seen, loss_value)
         seconds = time.time() - t0
-        loss_sum, n_correct, seen = common.sum_over_processes(loss_sum, int(n_correct), seen)
+        loss_sum, n_correct, seen = common.all_sum(loss_sum, int(n_correct), seen)
 
         final = epoch + 1 == args.epochs
         metrics = {}          # the validation split, never the test split, chooses best.pt
@@ -174,10 +158,7 @@ def main(argv=None):
         run.log_epoch(record, args.epochs)
         run.save(model, epoch + 1, optimizer.state_dict(), metrics, score=metrics.get('val_worst'),
                  finished=final)
-    if run.start_epoch < args.epochs or not run.tested:      # final.json not yet written
-        run.finish(model, test_set, attack)
-    else:
-        print(f"{run.dir} already holds all {args.epochs} epochs; nothing to do")
+    run.finish(model, test_set, attack)      # final.json (nothing to do if it holds the last epoch)
 
 
 if __name__ == '__main__':

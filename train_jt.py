@@ -26,7 +26,6 @@ Reading of the paper, where it leaves room:
     python train_jt.py --dataset mnist                                   # JT 0.5:0.5
     python train_jt.py --dataset cifar10 --init runs/st-cifar10-cnn_b-s8/last.pt   # JT*
 """
-import argparse
 import time
 
 import torch
@@ -37,30 +36,24 @@ from attacks import pgd
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=common.doc_title(__doc__),
-                                     formatter_class=common.HelpFormatter)
-    common.add_common_args(parser)
+    parser = common.parser(__doc__)
     g = parser.add_argument_group('JT (Eq. (4)) and JT*')
-    g.add_argument('--lambda1', type=float, default=0.5, help='weight of CE on natural inputs')
-    g.add_argument('--lambda2', type=float, default=0.5, help='weight of CE on adversarial inputs')
+    g.add_argument('--lambda1', type=common.number('[0, 1000]'), default=0.5, help='weight of CE on natural inputs')
+    g.add_argument('--lambda2', type=common.number('[0, 1000]'), default=0.5, help='weight of CE on adversarial inputs')
     g.add_argument('--split', choices=['half', 'full'], default='half',
                    help='half: 2nd half of the batch adversarial (the paper); full: whole batch twice')
     g.add_argument('--init', help='JT*: start from this ST checkpoint (train_at.py --standard)')
-    g.add_argument('--beta', type=float,
+    g.add_argument('--beta', type=common.number('[0, 1000]'),
                    help="weight of ||f||_2 + ||f'||_2: 0 without --init (JT); with --init (JT*) "
                         "0.1 on ||f||_2 for cnn_b (paper: 0.5, which collapses AELFs on this model: "
                         "README \"Findings\"), 0.2 for wrn (the paper's, untested here)")
     g.add_argument('--feature-norm', choices=FEATURE_NORMS, default='l2',
                    help="JT*: reading of ||f||_2, as in train_aelfs.py (l2: the paper's norm)")
 
-    def resolve(args):
-        args = common.finish_args(parser, args, common.aelf_protocol(args.dataset, args.model))
-        if args.beta is None:
-            args.beta = JTSTAR_BETA.get(args.model, JTSTAR_BETA['cnn_b']) if args.init else 0.0
-        common.check_ranges(parser, args, {'lambda1': '[0, 1000]', 'lambda2': '[0, 1000]', 'beta': '[0, 1000]'})
-        return args
-    common.protocol_help(parser, resolve)
-    return resolve(parser.parse_args(argv))
+    def protocol(first, defaults):         # AELF Appendix C; JT*'s beta
+        model = first.model or defaults['model']
+        defaults['beta'] = JTSTAR_BETA.get(model, JTSTAR_BETA['cnn_b']) if first.init else 0.0
+    return common.parse(parser, argv, protocol)
 
 
 def jt_batch(model, x, y, split, attack):
@@ -99,9 +92,8 @@ def jt_loss(model, x_nat, x_adv, y_nat, y_adv, lambda1, lambda2, beta, reading='
 @common.main_guard
 def main(argv=None):
     args = parse_args(argv)
-    device = common.setup_distributed(args.device)   # torchrun: README "Several GPUs"
-    common.seed_everything(args.seed)
-    model = common.prepare_model(common.build_model(args), device)
+    device = common.setup(args)                     # seeded; torchrun: README "Several GPUs"
+    model = common.build_model(args, device)
     common.compile_model(model, args.compile)          # --compile: README "Speed"
     run = common.Run(args, 'jtstar' if args.init or args.beta else 'jt')
     if args.init:
@@ -118,29 +110,22 @@ def main(argv=None):
                  'rms': f"beta {args.beta:g} on ||f||_2 / sqrt(D) = {args.beta / model.fc.in_features ** 0.5:.3g} "
                         f"on ||f||_2 (paper, cnn_b: 0.5)"}.get(
         args.feature_norm, f"beta {args.beta:g} on the {args.feature_norm} reading, not the paper's ||f||_2")
-    print(f"JT{'*' if args.init or args.beta else ''} on {args.dataset} "
-          f"({common.data_summary(train_set, val_set, test_set)}), "
-          f"{common.describe(model.arch_name, model.arch_kwargs)}, "
-          f"{common.attack_summary(args)}, lambda {args.lambda1}:{args.lambda2}, {beta_text}, "
+    print(f"JT{'*' if args.init or args.beta else ''} {common.summary(args, model, train_set, val_set, test_set)}, "
+          f"lambda {args.lambda1}:{args.lambda2}, {beta_text}, "
           f"split {args.split}, init {args.init or 'random'}, {device}", flush=True)
-    channels_last = common.use_channels_last(device)
     steps_per_epoch = -(-len(train_set) // args.batch_size)
     watch = common.CollapseWatch(   # JT*'s norm term can collapse the embeddings as in AELFs
-        common.DATASETS[args.dataset].num_classes,
+        args.dataset,
         f"beta {args.beta:g} on --feature-norm {args.feature_norm} is too strong for this model; "
         f"try a smaller beta with the same reading (e.g. --beta {args.beta / 10:g})") if args.beta else None
     for epoch in range(run.start_epoch, args.epochs):
-        common.seed_epoch(args.seed, epoch)
-        lr = common.lr_at(epoch, args.lr, args.milestones)
-        common.set_lr(optimizer, lr)
-        scale = common.eps_scale(epoch, args.eps_warmup)   # 1 unless --eps-warmup
+        lr = common.start_epoch(epoch, args, optimizer)   # re-seeded; lr x0.1 at --milestones
+        scale = min(1.0, (epoch + 1) / args.eps_warmup) if args.eps_warmup else 1.0   # --eps-warmup
         model.train()
-        progress = common.Progress(steps_per_epoch)
         loss_sum, n_correct, n_predicted, seen = 0.0, 0, 0, 0
         t0 = time.time()
         for step, (x, y) in enumerate(common.batches(train_set, args.batch_size, shuffle=True,
-                                                     padding=args.padding,
-                                                     channels_last=channels_last)):
+                                                     padding=args.padding)):
             with common.autocast(device, args.amp):
                 x_nat, y_nat, x_adv, y_adv = jt_batch(model, x, y, args.split,
                                                       lambda m, a, b: attack(m, a, b, scale))
@@ -149,8 +134,7 @@ def main(argv=None):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            (loss_value,) = common.batch_means(len(y), loss)   # the whole batch's
-            common.check_finite(loss_value, epoch, step)
+            (loss_value,) = common.check_finite(epoch, step, loss)   # a NaN stops the run
             loss_sum += loss_value * len(y)
             n_correct += (logits.argmax(1) == torch.cat([y_nat, y_adv])).sum()   # on the device: no sync per step
             n_predicted += len(logits)
@@ -158,9 +142,9 @@ def main(argv=None):
             if watch:
                 watch.step(f_all[:len(y_nat)], f_all[len(y_nat):], logits[:len(y_nat)], y_nat,
                            epoch)
-            progress.step(step + 1, seen, loss_value)
+            run.progress(step + 1, steps_per_epoch, seen, loss_value)
         seconds = time.time() - t0
-        loss_sum, n_correct, n_predicted, seen = common.sum_over_processes(
+        loss_sum, n_correct, n_predicted, seen = common.all_sum(
             loss_sum, int(n_correct), n_predicted, seen)
 
         final = epoch + 1 == args.epochs
@@ -174,10 +158,7 @@ def main(argv=None):
         run.log_epoch(record, args.epochs)
         run.save(model, epoch + 1, optimizer.state_dict(), metrics, score=metrics.get('val_worst'),
                  finished=final, init=args.init)
-    if run.start_epoch < args.epochs or not run.tested:      # final.json not yet written
-        run.finish(model, test_set, attack)
-    else:
-        print(f"{run.dir} already holds all {args.epochs} epochs; nothing to do")
+    run.finish(model, test_set, attack)      # final.json (nothing to do if it holds the last epoch)
 
 
 if __name__ == '__main__':

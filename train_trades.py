@@ -25,33 +25,25 @@
 
     python train_trades.py --dataset mnist
 """
-import argparse
 import time
 
 import torch
 import torch.nn.functional as F
 
 import common
-from attacks import noise_like, pgd
+from attacks import pgd
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=common.doc_title(__doc__),
-                                     formatter_class=common.HelpFormatter)
-    common.add_common_args(parser)
-    parser.add_argument('--beta', type=float, help='weight of the KL term (6 on CIFAR, 1 on MNIST)')
-    parser.add_argument('--init-noise', type=float, default=0.001,
+    parser = common.parser(__doc__)
+    parser.add_argument('--beta', type=common.number('[0, 1000]'), help='weight of the KL term (6 on CIFAR, 1 on MNIST)')
+    parser.add_argument('--init-noise', type=common.number('[0, 1]'), default=0.001,
                         help='std of the Gaussian start x + init_noise N(0, I) of the TRADES training '
                              'attack (Alg. 1); --random-start changes only the validation and test PGD')
 
-    def resolve(args):
-        args = common.finish_args(parser, args, common.aelf_protocol(args.dataset, args.model))
-        if args.beta is None:
-            args.beta = 1.0 if args.dataset == 'mnist' else 6.0
-        common.check_ranges(parser, args, {'beta': '[0, 1000]', 'init_noise': '[0, 1]'})
-        return args
-    common.protocol_help(parser, resolve)
-    return resolve(parser.parse_args(argv))
+    def protocol(first, defaults):         # AELF Appendix C, TRADES' beta for the dataset
+        defaults['beta'] = 1.0 if first.dataset == 'mnist' else 6.0
+    return common.parse(parser, argv, protocol)
 
 
 def kl_clean_adv(logits_clean, logits_adv):
@@ -71,7 +63,7 @@ def trades_attack(model, x, y, eps, steps, step_size, init_noise):
     def kl_loss(m, x_adv, _y):
         return F.kl_div(F.log_softmax(m(x_adv).float(), dim=1), F.softmax(logits_clean, dim=1),
                         reduction='sum')
-    x_start = x + init_noise * noise_like(x, torch.Tensor.normal_)   # x + 0.001 * N(0, 1)
+    x_start = x + init_noise * torch.randn_like(x)          # Alg. 1: x + 0.001 * N(0, I)
     return pgd(model, x, y, eps, steps, step_size, loss=kl_loss, x_init=x_start)
 
 
@@ -86,9 +78,8 @@ def trades_loss(model, x, x_adv, y, beta):
 @common.main_guard
 def main(argv=None):
     args = parse_args(argv)
-    device = common.setup_distributed(args.device)   # torchrun: README "Several GPUs"
-    common.seed_everything(args.seed)
-    model = common.prepare_model(common.build_model(args), device)
+    device = common.setup(args)                     # seeded; torchrun: README "Several GPUs"
+    model = common.build_model(args, device)
     common.compile_model(model, args.compile)          # --compile: README "Speed"
     run = common.Run(args, 'trades')
     train_set, val_set, test_set = common.load_data(args, device)
@@ -99,25 +90,20 @@ def main(argv=None):
     def test_attack(m, x, y):   # the test uses the protocol's CE PGD, like every other method
         return pgd(m, x, y, args.eps, args.steps, args.step_size, args.random_start)
 
-    kl_attack = common.attack_summary(argparse.Namespace(**{**vars(args), 'random_start': False}))
-    print(f"TRADES on {args.dataset} ({common.data_summary(train_set, val_set, test_set)}), "
-          f"{common.describe(model.arch_name, model.arch_kwargs)}, KL-{kl_attack} from x + "
-          f"{args.init_noise:g} N(0, I){', test PGD from a random start' if args.random_start else ''}, "
-          f"beta {args.beta}, {device}", flush=True)
-    channels_last = common.use_channels_last(device)
+    warmup = f" (eps warm-up over {args.eps_warmup} epochs)" if args.eps_warmup else ''
+    kl_attack = (f"KL-PGD({args.eps:g}, {args.steps}, {args.step_size:g}){warmup} from x + {args.init_noise:g} "
+                 f"N(0, I){', test PGD from a random start' if args.random_start else ''}")
+    print(f"TRADES {common.summary(args, model, train_set, val_set, test_set, kl_attack)}, beta {args.beta}, "
+          f"{device}", flush=True)
     steps_per_epoch = -(-len(train_set) // args.batch_size)
     for epoch in range(run.start_epoch, args.epochs):
-        common.seed_epoch(args.seed, epoch)
-        lr = common.lr_at(epoch, args.lr, args.milestones)
-        common.set_lr(optimizer, lr)
-        scale = common.eps_scale(epoch, args.eps_warmup)   # 1 unless --eps-warmup
+        lr = common.start_epoch(epoch, args, optimizer)   # re-seeded; lr x0.1 at --milestones
+        scale = min(1.0, (epoch + 1) / args.eps_warmup) if args.eps_warmup else 1.0   # --eps-warmup
         model.train()
-        progress = common.Progress(steps_per_epoch)
         loss_sum, n_correct, seen = 0.0, 0, 0
         t0 = time.time()
         for step, (x, y) in enumerate(common.batches(train_set, args.batch_size, shuffle=True,
-                                                     padding=args.padding,
-                                                     channels_last=channels_last)):
+                                                     padding=args.padding)):
             with common.autocast(device, args.amp):
                 x_adv = trades_attack(model, x, y, scale * args.eps, args.steps, scale * args.step_size,
                                       args.init_noise)               # inner max of Eq. (5)
@@ -125,14 +111,13 @@ def main(argv=None):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            (loss_value,) = common.batch_means(len(y), loss)   # the whole batch's
-            common.check_finite(loss_value, epoch, step)
+            (loss_value,) = common.check_finite(epoch, step, loss)   # a NaN stops the run
             loss_sum += loss_value * len(y)
             n_correct += (logits.argmax(1) == y).sum()   # on the device: no sync per step
             seen += len(y)
-            progress.step(step + 1, seen, loss_value)
+            run.progress(step + 1, steps_per_epoch, seen, loss_value)
         seconds = time.time() - t0
-        loss_sum, n_correct, seen = common.sum_over_processes(loss_sum, int(n_correct), seen)
+        loss_sum, n_correct, seen = common.all_sum(loss_sum, int(n_correct), seen)
 
         final = epoch + 1 == args.epochs
         metrics = {}          # the validation split, never the test split, chooses best.pt

@@ -55,7 +55,7 @@ import common  # noqa: E402
 
 
 class PassRecorder:
-    """Patches common.build_model / seed_epoch / accuracy to record the training passes of the
+    """Patches common.build_model / start_epoch / accuracy to record the training passes of the
     epoch ``record_epoch`` (0-based) and, optionally, profile them."""
 
     def __init__(self, record_epoch=1, profile=False, hook=True):
@@ -77,24 +77,24 @@ class PassRecorder:
         self.passes.append((kind, tuple(x.shape)))
 
     def __enter__(self):
-        build_model, seed_epoch, accuracy = common.build_model, common.seed_epoch, common.accuracy
-        self._originals = dict(build_model=build_model, seed_epoch=seed_epoch, accuracy=accuracy)
+        build_model, start_epoch, accuracy = common.build_model, common.start_epoch, common.accuracy
+        self._originals = dict(build_model=build_model, start_epoch=start_epoch, accuracy=accuracy)
 
-        def recording_build_model(args, **extra):
-            model = build_model(args, **extra)
+        def recording_build_model(args, device, **extra):
+            model = build_model(args, device, **extra)
             self.args = args
             if self.use_hook:
                 model.stages[0].register_forward_pre_hook(self._hook)
             return model
 
-        def recording_seed_epoch(seed, epoch):
+        def recording_start_epoch(epoch, *a, **kw):
             self.recording = epoch == self.record_epoch
             if self.recording:
                 self.passes = []
                 if self.profile:
                     self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
                     self.profiler.__enter__()
-            return seed_epoch(seed, epoch)
+            return start_epoch(epoch, *a, **kw)
 
         def recording_accuracy(*a, **kw):
             self.recording = False
@@ -105,8 +105,8 @@ class PassRecorder:
                 self.profiler = None
             return accuracy(*a, **kw)
 
-        common.build_model, common.seed_epoch, common.accuracy = (
-            recording_build_model, recording_seed_epoch, recording_accuracy)
+        common.build_model, common.start_epoch, common.accuracy = (
+            recording_build_model, recording_start_epoch, recording_accuracy)
         return self
 
     def __exit__(self, *exc):
@@ -124,17 +124,15 @@ def run_script(path, argv):
 def bare_seconds(args, passes, device, reps, compile_mode=None):
     """Median seconds of replaying ``passes`` (one epoch's) with nothing else in between."""
     torch.manual_seed(0)
-    model = common.compile_model(common.prepare_model(common.build_model(args), device), compile_mode)
+    model = common.compile_model(common.build_model(args, device), compile_mode)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
-    fmt = torch.channels_last if common.use_channels_last(device) else torch.contiguous_format
+    fmt = torch.channels_last
     inputs = {shape: torch.rand(shape, device=device).contiguous(memory_format=fmt)
               for _, shape in passes}
     labels = {shape: torch.randint(0, 10, shape[:1], device=device) for _, shape in passes}
 
-    def weights_need_grad(flag):      # as attacks.pgd does on a compiled model
-        if compile_mode:
-            for p in model.parameters():
-                p.requires_grad_(flag)
+    def weights_need_grad(flag):      # common.compile_model's passes freeze the weights in attacks
+        pass
 
     def epoch():
         loss = None
@@ -179,17 +177,12 @@ def main():
     p.add_argument('--device', default='cpu')
     p.add_argument('--data-dir', default=str(ROOT.parent / 'shared' / 'data'))
     p.add_argument('--profile', action='store_true', help='profile the training loop of epoch 2')
-    p.add_argument('--contiguous', action='store_true',
-                   help='keep models and batches in the contiguous (NCHW) format on CPU, as before '
-                        'common.use_channels_last covered the CPU (what channels_last buys)')
     p.add_argument('--compile', choices=common.COMPILE_MODES,
                    help='torch.compile the model (script and bare loop) with common.compile_model')
     p.add_argument('script_args', nargs='*', help='flags for the script (after --)')
     a = p.parse_args()
     device = torch.device(a.device)
     script = str(ROOT / a.script)
-    if a.contiguous:
-        common.use_channels_last = lambda dev: torch.device(dev).type == 'cuda'
     prepare = common.prepare_model
     rec = PassRecorder(profile=a.profile, hook=not a.compile)
 
@@ -226,7 +219,7 @@ def main():
     bare_ips = n_images / bare_seconds(rec.args, rec.passes, device, a.reps, a.compile)
     per_batch = collections.Counter(kind for kind, _ in rec.passes)
     out = {'script': a.script, 'script_args': extra, 'width': a.width, 'device': a.device,
-           'threads': torch.get_num_threads(), 'channels_last': common.use_channels_last(device),
+           'threads': torch.get_num_threads(), 'channels_last': True,
            'passes_per_batch': {k: round(v / a.batches, 2) for k, v in per_batch.items()},
            'pass_shapes': sorted({f'{k} {list(s)}' for k, s in rec.passes}),
            'bare_images_per_s': round(bare_ips, 1), 'script_images_per_s': round(script_ips, 1),

@@ -29,4 +29,4 @@ done
 wait
 ckpts=(); for s in $SEEDS; do for m in at again mart again-mart; do ckpts+=("$R/$m-s$s/last.pt"); done; done
 $PY eval.py --ckpt "${ckpts[@]}" --data-dir "$D" --device cpu --gen-gap 1000 --no-table \
-    --json "$R/gap.json" | tee "$R/gap.txt"
+    --json "$R/gap.json" > "$R/gap.txt" && $PY tests/gap_table.py "$R/gap.json"

@@ -73,7 +73,7 @@ def test_aelfs_loss_uses_the_chosen_reading_and_bn_batch():
 
 
 def test_collapse_watch_fires_on_a_collapse_and_not_otherwise(capsys):
-    healthy = common.CollapseWatch(10, 'try a smaller beta')
+    healthy = common.CollapseWatch('mnist', 'try a smaller beta')
     logits = torch.eye(10)[torch.arange(20) % 10] * 5
     y = torch.arange(20) % 10
     healthy.step(torch.ones(20, 8) * 2, torch.ones(20, 8) * 2, logits, y)
@@ -81,21 +81,21 @@ def test_collapse_watch_fires_on_a_collapse_and_not_otherwise(capsys):
     record = healthy.end_epoch(0)
     assert not record['collapse_warning'] and 'WARNING' not in capsys.readouterr().out
     assert record['f_norm'] == pytest.approx(1.5 * 8 ** 0.5) and record['train_acc_nat'] == 100.0
-    shrunk = common.CollapseWatch(10, 'try a smaller beta')
+    shrunk = common.CollapseWatch('mnist', 'try a smaller beta')
     shrunk.step(torch.ones(20, 8), torch.ones(20, 8), logits, y)
     for _ in range(30):
         shrunk.step(torch.ones(20, 8) * 0.01, torch.ones(20, 8) * 0.01, logits, y)
     assert shrunk.end_epoch(0)['collapse_warning']
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and out[0].startswith('WARNING') and 'try a smaller beta' in out[0]
-    chance = common.CollapseWatch(10, 'hint')
+    chance = common.CollapseWatch('mnist', 'hint')
     chance.step(torch.ones(20, 8), torch.ones(20, 8), torch.zeros(20, 10), y)   # predicts class 0
     assert chance.end_epoch(0)['collapse_warning'] and 'near chance' in capsys.readouterr().out
     chance.step(torch.ones(20, 8), torch.ones(20, 8), torch.zeros(20, 10), y)
     assert chance.end_epoch(1)['collapse_warning']          # and in every later epoch
     # a collapse late in a short epoch (a real-MNIST case a 20-step window misses: ||f|| 6.7 -> 0.08 over
     # the last steps of a 16-step epoch while the 20-step average was still 0.11 of the start)
-    late = common.CollapseWatch(10, 'hint')
+    late = common.CollapseWatch('mnist', 'hint')
     for norm in [6.7] + [2.0] * 14 + [1.0] * 10 + [0.08] * 5:
         late.step(torch.ones(20, 1) * norm, torch.ones(20, 1) * norm, logits, y)
     assert late.end_epoch(1)['collapse_warning'] and 'fell from 6.7 to 0.08' in capsys.readouterr().out

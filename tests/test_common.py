@@ -56,7 +56,11 @@ def test_augment_crops_with_zero_padding_and_flips():
 
 
 def test_lr_schedule():
-    lrs = [common.lr_at(e, 0.1, [20, 40]) for e in range(50)]
+    import argparse
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    args = argparse.Namespace(seed=8, lr=0.1, milestones=[20, 40])
+    lrs = [common.start_epoch(e, args, opt) for e in range(50)]
+    assert opt.param_groups[0]['lr'] == lrs[-1]
     assert lrs[0] == lrs[19] == 0.1
     assert abs(lrs[20] - 0.01) < 1e-12 and abs(lrs[39] - 0.01) < 1e-12
     assert abs(lrs[40] - 0.001) < 1e-12
@@ -111,7 +115,7 @@ def test_cpu_models_and_batches_are_channels_last(data_dir):
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     assert not conv.weight.is_contiguous()
     split = common.load_split('cifar10', str(data_dir), False, size=8)
-    x, _ = next(common.batches(split, 4, channels_last=common.use_channels_last('cpu')))
+    x, _ = next(common.batches(split, 4))
     assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
@@ -168,4 +172,4 @@ def test_best_pt_score_is_not_fooled_by_a_masked_model_where_the_training_pgd_is
         run.save(model, epoch, {}, metrics, score=metrics['val_worst'])
     assert common.load_checkpoint(str(tmp_path / 'r' / 'best.pt'))['epoch'] == 1
     assert m['val_adv'] > r['val_adv']        # the former score, val_adv, would have kept epoch 2
-    run.lock.release()
+    run.release()

@@ -13,6 +13,7 @@ TRADES, AELFs, AT-id) use dynamo's graphs alone (backend ``eager``: the phases, 
 log checked, AOT autograd not again: 35 s less); AGAIN (``forward_heads``, AWP's proxy) and AELF
 (two backward passes of a step) keep ``aot_eager``."""
 import contextlib
+import copy
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 import attacks
 import common
 import models
+from conftest import run_script
 
 B = 16                      # the one batch shape of the inductor tests
 
@@ -65,7 +67,7 @@ def _batch(seed):
 
 @contextlib.contextmanager
 def _frozen(model):
-    """The weights as attacks.pgd leaves them while it attacks a compiled model."""
+    """The weights as the compiled pass freezes them in an attack (common.compile_model)."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
         p.requires_grad_(False)
@@ -130,8 +132,8 @@ def test_compiled_model_keeps_its_state_dict_and_default_is_eager(pair):
     assert 'features' in vars(compiled) and 'forward_heads' in vars(compiled)
     plain = models.build('cnn_b', 10, 1, width=0.125)
     assert common.compile_model(plain, None) is plain and 'features' not in vars(plain)
-    with pytest.raises(common.UserError, match='--compile'):
-        common.compile_model(plain, 'fastest')
+    proc = run_script('train_at.py', '--compile', 'fastest')          # argparse's choices
+    assert proc.returncode == 2 and "invalid choice: 'fastest'" in proc.stderr
 
 
 def test_pgd_on_a_compiled_model_treats_the_weights_as_constants_and_restores_them(pair):
@@ -148,7 +150,16 @@ def test_pgd_on_a_compiled_model_treats_the_weights_as_constants_and_restores_th
         return F.cross_entropy(model(x_adv), y, reduction='sum')
     try:
         adv = [attacks.pgd(m, x, y, 0.1, 3, 0.03, loss=ce) for m in pair]
-        assert seen == {False: {True, False}, True: {False}}   # only the compiled model's are frozen
+        assert seen == {False: {True, False}, True: {True, False}}   # the flags as they were, around the pass
+        # in an attack (eval mode, gradients on) the compiled pass takes the weights as constants:
+        # its output has no gradient path to them; in training it has (BatchNorm's statistics kept)
+        weight, state = next(p for p in compiled.parameters() if p.dim() == 4), copy.deepcopy(compiled.state_dict())
+        for training, path in ((False, False), (True, True)):
+            compiled.train(training)
+            out = compiled.features(x.clone().requires_grad_(True))
+            assert (torch.autograd.grad(out.sum(), weight, allow_unused=True)[0] is not None) == path
+        compiled.eval()
+        compiled.load_state_dict(state)
         _close(adv[0], adv[1], 'PGD examples')
         assert (adv[1] - x).abs().max() <= 0.1 + 1e-6 and (adv[1] != x).any()
         # the weights are graph inputs, not constants baked in while they were frozen: a training

@@ -25,7 +25,7 @@ from test_train_at import _start, _wait_for, one_line_error
 SCRIPTS = ['train_at', 'train_jt', 'train_trades', 'train_aelf', 'train_aelfs', 'train_again',
            'train_att_id', 'eval']
 # flags whose huge values mean "all of it" (the whole split), which a run takes meaningfully
-ALL_OF_IT = {'train_size', 'test_size', 'val_size'}   # --val-size: stopped by load_data (below)
+ALL_OF_IT = {'train_size', 'test_size', 'val_size', 'gen_gap'}   # --val-size: stopped by load_data (below)
 
 
 def _parser_of(module, base):
@@ -60,7 +60,8 @@ def test_every_numeric_flag_rejects_nan_inf_negative_and_huge_values_at_parse_ti
         module = importlib.import_module(name)
         base = ['--ckpt', 'x.pt'] if name == 'eval' else ['--quick']
         for action in _parser_of(module, base)._actions:
-            if action.type not in (int, float) or not action.option_strings:
+            numeric = action.type in (int, float) or getattr(action.type, '__qualname__', '').startswith('number.')
+            if not numeric or not action.option_strings:
                 continue
             flag, n = action.option_strings[0], 3 if action.nargs == 3 else 1
             huge = [] if action.dest in ALL_OF_IT else ['99999999999', '1e12']
@@ -93,7 +94,7 @@ def _no_space(path):
 
 
 def _assert_clean(folder):
-    left = [p.name for p in folder.iterdir() if '.tmp' in p.name or p.name == '.lock']
+    left = [p.name for p in folder.iterdir() if '.tmp' in p.name]
     assert not left, left
 
 
@@ -126,6 +127,27 @@ def test_full_disk_during_a_checkpoint_save_is_one_line_and_resume_continues_exa
     assert [r['epoch'] for r in read_log(out)] == [1, 2, 3]
     best = common.load_checkpoint(str(out / 'best.pt'))
     assert best['epoch'] == common.load_checkpoint(str(tmp_path / 'full' / 'best.pt'))['epoch']
+
+
+def test_full_disk_while_the_first_last_pt_is_written_says_a_command_that_then_works(data_dir, tmp_path, monkeypatch):
+    """best.pt of epoch 1 written, then the disk fills while last.pt is: the line's command runs."""
+    base = [*BASE, '--data-dir', data_dir, '--epochs', '2']
+    real_save = torch.save
+
+    def first_last_fails(obj, f, *a, **k):
+        if 'last.pt.tmp' in str(f):
+            raise _no_space(f)
+        return real_save(obj, f, *a, **k)
+    out = tmp_path / 'first'
+    with monkeypatch.context() as mp:
+        mp.setattr(torch, 'save', first_last_fails)
+        line = one_line_error(run_script('train_jt.py', *base, '--out', out))
+    assert f"cannot write {out / 'last.pt'}: No space left on device" in line, line
+    command = shlex.split(line.split('then run ')[1])
+    assert command[:2] == ['python', 'train_jt.py'] and '--resume' in command, line
+    proc = run_ok(*command[1:])
+    assert 'starting at epoch 1' in proc.stdout, proc.stdout
+    assert [r['epoch'] for r in read_log(out)] == [1, 2] and common.load_checkpoint(str(out / 'last.pt'))['epoch'] == 2
 
 
 class _FullFile(io.StringIO):
@@ -172,11 +194,22 @@ def test_full_disk_on_the_log_final_json_lock_and_eval_outputs_is_one_line(data_
     proc = run_ok('train_at.py', *base, '--out', out, '--epochs', '2', '--resume')
     assert 'done in' in proc.stdout and json.loads((out / 'final.json').read_text())['last']['epoch'] == 2
     assert 'nothing to do' in run_ok('train_at.py', *base, '--out', out, '--epochs', '2', '--resume').stdout
-    # the lock: no empty .lock is left behind
+    # the lock file's owner line
+    class FullLock:
+        def __init__(self, path, mode):
+            self.file, self.name = builtins.open(path, mode), str(path)
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+        def write(self, text):
+            raise _no_space(self.name)
     with monkeypatch.context() as mp:
-        mp.setattr(common.FolderLock, '_write_owner', staticmethod(lambda fd: (_ for _ in ()).throw(_no_space(fd))))
+        mp.setattr(common, 'open', lambda path, mode='r', *a, **k: FullLock(path, mode) if str(path).endswith('.lock')
+                   else builtins.open(path, mode, *a, **k), raising=False)
         line = one_line_error(run_script('train_at.py', *base, '--out', tmp_path / 'new'))
     assert f"cannot write {tmp_path / 'new' / '.lock'}: No space left on device" in line, line
+    assert 'run the same command again' in line
     _assert_clean(tmp_path / 'new')
     # eval.py's JSON and pictures: the previous file stays whole, no temporary file
     (tmp_path / 'e.json').write_text('previous')
@@ -186,20 +219,20 @@ def test_full_disk_on_the_log_final_json_lock_and_eval_outputs_is_one_line(data_
                                          '--test-size', '8', '--device', 'cpu', '--json', tmp_path / 'e.json'))
     assert f"cannot write {tmp_path / 'e.json'}: No space left on device" in line and 'eval.py again' in line
     assert (tmp_path / 'e.json').read_text() == 'previous'
-    real_save_image = importlib.import_module('torchvision.utils').save_image
+    from matplotlib.figure import Figure
 
-    def full_picture(tensor, fp, format=None, **k):
+    def full_picture(self, fp, *a, **k):
         with builtins.open(fp, 'wb') as f:
             f.write(b'\x89PNG')
         raise _no_space(fp)
     with monkeypatch.context() as mp:
-        mp.setattr(importlib.import_module('torchvision.utils'), 'save_image', full_picture)
+        mp.setattr(Figure, 'savefig', full_picture)
         line = one_line_error(run_script('eval.py', '--ckpt', out / 'last.pt', '--data-dir', data_dir,
                                          '--test-size', '8', '--device', 'cpu', '--no-table',
                                          '--grad-maps', tmp_path / 'g.png'))
     assert f"cannot write {tmp_path / 'g.png'}: No space left on device" in line, line
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith('g.png')] == []
-    assert importlib.import_module('torchvision.utils').save_image is real_save_image
+    assert Figure.savefig is not full_picture                   # the patch undone
 
 
 def _mount_tmpfs(folder, size):

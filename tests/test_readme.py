@@ -48,6 +48,9 @@ def commands(text):
     out = []
     for line in list(_bash_lines(text)) + list(_inline_commands(text)):
         words = shlex.split(line, comments=True)
+        if words[:1] == ['torchrun']:       # torchrun's own options, then the script and its flags
+            first = next((i for i, w in enumerate(words) if w.endswith('.py')), len(words))
+            words = ['python', *words[first:]]
         if len(words) >= 2 and words[0] == 'python' and (words[1] in SCRIPTS or words[1] == 'tests/assignment.py'):
             out.append((words[1], words[2:]))
     return out
@@ -81,6 +84,14 @@ def test_the_check_catches_a_flag_a_script_does_not_take():
     assert broken != README
     errors = [e for s, a in commands(broken) if (e := _parse(s, a))]
     assert len(errors) == 1 and '--standrad' in errors[0], errors
+
+
+def test_the_check_reads_the_torchrun_lines():
+    lines = [line for line in _bash_lines(README) if line.startswith('torchrun ')]
+    assert len(lines) >= 2
+    broken = README.replace(lines[0], lines[0].replace('--dataset', '--datset'), 1)
+    errors = [e for s, a in commands(broken) if (e := _parse(s, a))]
+    assert len(errors) == 1 and '--datset' in errors[0], errors
 
 
 def _flags_table():
@@ -122,7 +133,7 @@ def test_every_flag_of_the_flags_table_exists_with_the_default_it_states():
 
 
 def test_the_readme_is_short_and_self_sufficient():
-    assert len(README.encode()) < 35 * 1024
+    assert len(README.encode()) < 38 * 1024
     for stale in ('../shared/papers', 'git checkout', '--eval-size'):
         assert stale not in README, stale
     refs = README[README.index('## References'):]
