@@ -102,7 +102,8 @@ def main(argv=None):
     def attack(m, x, y, scale=1.0):   # scale < 1: the eps warm-up (--eps-warmup), training only
         return pgd(m, x, y, scale * args.eps, args.steps, scale * args.step_size, args.random_start)
 
-    print(f"AELF {common.summary(args, model, train_set, val_set, test_set)}, lambda {args.lam}, distance {args.distance}, {device}", flush=True)
+    print(f"AELF {common.summary(args, model, train_set, val_set, test_set)}, lambda {args.lam}, "
+          f"distance {args.distance}, {device}", flush=True)
     steps_per_epoch = -(-len(train_set) // args.batch_size)
     for epoch in range(run.start_epoch, args.epochs):
         lr = common.start_epoch(epoch, args, opt_c, opt_w)   # re-seeded; lr x0.1 at --milestones

@@ -207,7 +207,8 @@ def main(argv=None):
     w_start = {k: v.detach().clone() for k, v in model.fc.state_dict().items()}
 
     dim = model.fc.in_features
-    print(f"AELFs {common.summary(args, model, train_set, val_set, test_set)}, lambda {args.lambda1}:{args.lambda2}, {beta_in_paper_units(args.beta, args.feature_norm, dim, args.model)}"
+    print(f"AELFs {common.summary(args, model, train_set, val_set, test_set)}, lambda {args.lambda1}:{args.lambda2}, "
+          f"{beta_in_paper_units(args.beta, args.feature_norm, dim, args.model)}"
           f"{f', beta_adv {args.beta_adv:g}' if args.beta_adv != args.beta else ''}, "
           f"split {args.split}, BN {args.bn_batch}, init {args.init or st_path}, {device}", flush=True)
     steps_per_epoch = -(-len(train_set) // args.batch_size)

@@ -63,7 +63,8 @@ def parse_args(argv=None):
     parser = common.parser(__doc__)
     g = parser.add_argument_group('AGAIN')
     g.add_argument('--alpha', type=common.number('[0, 1]'), default=0.6, help='weight of the true-label span (Eq. (4))')
-    g.add_argument('--ase-layer', type=common.number('[1, 5]', int), help='stage of the ASE head (resnet18: 4; cnn_b: 5; wrn: 3; vgg16: 5)')
+    g.add_argument('--ase-layer', type=common.number('[1, 5]', int),
+                   help='stage of the ASE head (resnet18: 4; cnn_b: 5; wrn: 3; vgg16: 5)')
     g.add_argument('--no-ase', action='store_true', help='ablation: no ASE head (Table 6)')
     g.add_argument('--no-hff', action='store_true', help='ablation: no HFF (Table 6)')
     g.add_argument('--attack-loss', choices=['both', 'main'], default='both',
@@ -228,7 +229,8 @@ def main(argv=None):
                    loss=train_attack_loss)
 
     print(f"AGAIN ({args.base}{', AWP ' + str(args.awp_gamma) if args.awp_gamma else ''}) "
-          f"{common.summary(args, model, train_set, val_set, test_set)} on {args.attack_loss}, alpha {args.alpha}, ASE {'off' if args.no_ase else args.ase_layer}, "
+          f"{common.summary(args, model, train_set, val_set, test_set)} on {args.attack_loss}, alpha {args.alpha}, "
+          f"ASE {'off' if args.no_ase else args.ase_layer}, "
           f"HFF {'off' if args.no_hff else 'on'}, {device}", flush=True)
     steps_per_epoch = -(-len(train_set) // args.batch_size)
     total_iterations = args.epochs * steps_per_epoch                 # N of Algorithm 1

@@ -65,8 +65,8 @@ def main(argv=None):
         # scale < 1: the eps warm-up (--eps-warmup), training only
         return pgd(m, x, y, scale * args.eps, args.steps, scale * args.step_size, args.random_start)
 
-    print(f"{'ST' if args.standard else 'AT'} {common.summary(args, model, train_set, val_set, test_set, 'no attack' if args.standard else None)}"
-          f", init {args.init or 'random'}, {device}", flush=True)
+    data = common.summary(args, model, train_set, val_set, test_set, 'no attack' if args.standard else None)
+    print(f"{'ST' if args.standard else 'AT'} {data}, init {args.init or 'random'}, {device}", flush=True)
     steps_per_epoch = -(-len(train_set) // args.batch_size)
     for epoch in range(run.start_epoch, args.epochs):
         lr = common.start_epoch(epoch, args, optimizer)   # re-seeded; lr x0.1 at --milestones

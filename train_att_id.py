@@ -123,7 +123,8 @@ def main(argv=None):
         return pgd(m, x, y, scale * args.eps, args.steps, scale * args.step_size, args.random_start)
 
     name = 'AT (Madry et al.: AT-id with lambda 0)' if args.mode == 'id' and args.lam == 0 else f'AT-{args.mode}'
-    print(f"{name} {common.summary(args, model, train_set, val_set, test_set)}, lambda {args.lam}, {args.optimizer} lr {args.lr} batch {args.batch_size}, {device}",
+    print(f"{name} {common.summary(args, model, train_set, val_set, test_set)}, lambda {args.lam}, "
+          f"{args.optimizer} lr {args.lr} batch {args.batch_size}, {device}",
           flush=True)
     steps_per_epoch = -(-len(train_set) // args.batch_size)
     for epoch in range(run.start_epoch, args.epochs):

@@ -2,7 +2,6 @@
 
     OMP_NUM_THREADS=1 taskset -c 0 python tests/bench_overhead.py --script train_jt.py
     python tests/bench_overhead.py --script train_att_id.py --profile -- --model cnn_b
-    python tests/bench_overhead.py --script train_at.py --contiguous   # without channels_last
     python tests/bench_overhead.py --script train_at.py --compile        # torch.compile'd model
 
 Runs the real script in this process for two epochs on the first ``--batches`` x 128 real

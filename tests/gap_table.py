@@ -1,7 +1,7 @@
 """The README's generalization-gap table from tests/gen_gap.sh's eval.py --gen-gap JSON: per method,
 mean +- half the range over seeds of the training and test accuracies and the gaps. Not a test.
 
-    python tests/gap_table.py runs/gap/gap.json
+    python tests/gap_table.py runs/gap/gap.json [MORE.json ...]
 """
 import json
 import re
@@ -14,8 +14,8 @@ COLUMNS = [('train nat', 'train_nat'), ('test nat', 'test_nat'), ('nat gap', 'ga
 NAMES = {'at': 'AT', 'again': 'AGAIN', 'mart': 'MART (`--base mart --no-ase --no-hff`)', 'again-mart': 'AGAIN-MART'}
 
 
-def main(path):
-    rows = json.load(open(path))['rows']
+def main(*paths):
+    rows = [r for path in paths for r in json.load(open(path))['rows']]
     groups = defaultdict(list)
     for r in rows:
         method = re.match(r'(.*)-s\d+$', r['ckpt'].replace('\\', '/').split('/')[-2]).group(1)
@@ -30,4 +30,4 @@ def main(path):
 
 
 if __name__ == '__main__':
-    main(sys.argv[1])
+    main(*sys.argv[1:])
