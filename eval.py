@@ -687,7 +687,7 @@ def compactness_picture(rows, path):
         ax.set_ylabel('principal component 2')
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, title='class', loc='center right', fontsize=8, markerscale=2)
-    fig.suptitle('Features of the test images (AGAIN Fig. 4, PCA instead of t-SNE)', fontsize=10)
+    fig.suptitle('Features of the test images (AGAIN Fig. 4, PCA instead of t-SNE)', fontsize=10, y=1.05)
     fig.subplots_adjust(right=0.88)
     save_figure(fig, path, f"{len(rows)} panels")
 
@@ -846,13 +846,15 @@ def eps_curve_row(model, ckpt, test, args):
 
 
 def eps_curve_table(rows):
-    lines = []
+    radii = sorted({e for r in rows for e in r['eps_curve']['radii']})
+    lines = ['| checkpoint (accuracy % under PGD-20; an image counts if it survived every smaller eps) | '
+             + ' | '.join(f"eps {e:.3g}" for e in radii) + ' | check eps |', '|' + '---|' * (len(radii) + 2)]
     for r in rows:
         c = r['eps_curve']
-        lines.append(f"| {r['ckpt']} | " + ' | '.join(f"{e:.3g}: {v:.1f}" for e, v in zip(c['radii'], c['accuracy']))
-                     + f" | check eps {c['check_radius']:g}: {c['check_accuracy']:.1f} |")
-    return ('| checkpoint | accuracy (%) under PGD-20 at each eps (survivors of every smaller eps) |'
-            '\n|---|---|\n' + '\n'.join(lines))
+        at = dict(zip(c['radii'], c['accuracy']))
+        lines.append(f"| {r['ckpt']} | " + ' | '.join(f"{at[e]:.1f}" if e in at else '-' for e in radii)
+                     + f" | {c['check_radius']:g}: {c['check_accuracy']:.1f} |")
+    return '\n'.join(lines)
 
 
 # --------------------------------------------------------------------- pictures (matplotlib)
