@@ -320,8 +320,7 @@ def start_epoch(epoch, args, *optimizers, seed=None, milestones=None):
 
 def check_finite(epoch, step, *losses):
     """The losses as floats (the processes' mean; one device read), stopping with one line on a NaN or inf."""
-    values = torch.stack([l.detach().float().reshape(()) for l in losses])
-    values = (all_sum(values) / DIST.world if DIST.world > 1 else values).tolist()
+    values = (all_sum(torch.stack([l.detach().float().reshape(()) for l in losses])) / DIST.world).tolist()
     if not all(map(math.isfinite, values)):
         raise UserError(f"loss became {values[0] if len(values) == 1 else values} at epoch {epoch + 1}, step "
                         f"{step}: lower --lr, or turn off --amp; the run folder keeps the last finished epoch")
@@ -660,6 +659,7 @@ class Run:
         self.start = self.step_time = time.time()
 
     def _open(self, args):
+        started = os.path.exists(os.path.join(self.dir, '.lock'))     # a run began here before
         try:
             os.makedirs(self.dir, exist_ok=True)
             self.lock = open(os.path.join(self.dir, '.lock'), 'a+')
@@ -690,8 +690,8 @@ class Run:
                 raise UserError(f"{self.dir} holds {state}: pass --resume to continue it, "
                                 f"--overwrite to start again, or --out to use another folder")
             self.resume_ckpt, self.best_score, self.saved_epoch = ckpt, ckpt.get('best_score'), ckpt['epoch']
-        elif args.resume and os.path.exists(self.log):      # the disk filled before last.pt was whole
-            print(f"note: {self.last} was never written (the disk filled in the first epoch): starting at epoch 1")
+        elif args.resume and started:          # but wrote no last.pt (a full disk in epoch 1): from the start
+            print(f"note: {self.last} was never written: starting at epoch 1")
         elif args.resume:
             raise UserError(f"nothing to resume: {self.last} does not exist")
 

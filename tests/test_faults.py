@@ -148,6 +148,14 @@ def test_full_disk_while_the_first_last_pt_is_written_says_a_command_that_then_w
     proc = run_ok(*command[1:])
     assert 'starting at epoch 1' in proc.stdout, proc.stdout
     assert [r['epoch'] for r in read_log(out)] == [1, 2] and common.load_checkpoint(str(out / 'last.pt'))['epoch'] == 2
+    # the same when the first log line is what fills the disk (no file of the run written yet)
+    out = tmp_path / 'log-first'
+    with monkeypatch.context() as mp:
+        _open_full_for(mp, common, 'log.jsonl')
+        line = one_line_error(run_script('train_jt.py', *base, '--out', out))
+    assert f"cannot write {out / 'log.jsonl'}: No space left on device" in line, line
+    command = shlex.split(line.split('then run ')[1])
+    assert 'starting at epoch 1' in run_ok(*command[1:]).stdout and len(read_log(out)) == 2
 
 
 class _FullFile(io.StringIO):
