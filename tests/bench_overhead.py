@@ -51,6 +51,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
+import cifar_as_is  # noqa: E402,F401  (the GPU script's synthetic CIFAR files load; tests/ is on the path)
 
 
 class PassRecorder:
