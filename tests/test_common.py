@@ -173,3 +173,16 @@ def test_best_pt_score_is_not_fooled_by_a_masked_model_where_the_training_pgd_is
     assert common.load_checkpoint(str(tmp_path / 'r' / 'best.pt'))['epoch'] == 1
     assert m['val_adv'] > r['val_adv']        # the former score, val_adv, would have kept epoch 2
     run.release()
+
+
+def test_the_gpu_scripts_bench_reads_the_synthetic_cifar_files(data_dir):
+    """tests/gpu_reproduce.sh times ResNet-18 rows through bench_overhead.py on synthetic CIFAR, in a
+    process without this conftest: its own import must let them past torchvision's md5 check."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    code = ("import sys; sys.path[:0] = [sys.argv[1] + '/tests', sys.argv[1]]; import bench_overhead, common; "
+            "print(len(common.read_split('cifar10', sys.argv[2], False)[1]))")
+    proc = subprocess.run([sys.executable, '-c', code, str(ROOT), str(data_dir)], capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert proc.returncode == 0 and proc.stdout.strip() == '64', proc.stderr[-2000:]
