@@ -276,7 +276,7 @@ COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune')
 
 def compile_model(model, mode):
     """--compile: ``features`` and AGAIN's ``forward_heads`` compiled in place, one graph per phase (batch dimension
-    symbolic, fullgraph). An attack's pass (eval mode, gradients on) freezes the weights: 1.24x faster (README)."""
+    symbolic, fullgraph). An attack's pass (eval mode, gradients on) freezes the weights (faster: README "Speed")."""
     if not mode:
         return model
     import torch._dynamo
@@ -492,10 +492,10 @@ def parser(doc):
 
 def parse(p, argv=None, protocol=None):
     """The flags, with the defaults of the chosen --dataset set before parsing (so --help prints them): AELF App. C,
-    ``protocol(first, defaults)`` (a script's own; ``first``: the flags as given), then --quick over both."""
+    ``protocol(first, defaults)`` (a script's own, seeing --quick's; ``first``: the flags as given), --quick over both."""
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     first, _ = p.parse_known_args([a for a in argv if a not in ('-h', '--help')])
-    defaults = aelf_protocol(first.dataset, first.model, standard=getattr(first, 'standard', False))
+    defaults = {**aelf_protocol(first.dataset, first.model, getattr(first, 'standard', False)), **(QUICK if first.quick else {})}
     if protocol:
         protocol(first, defaults)
     if first.quick and first.dataset != 'mnist':

@@ -296,10 +296,7 @@ def evaluate(path, args, device):
     if getattr(model, 'ase_index', None) is not None:
         # AGAIN's adaptive white-box attack (Sec. 5.2.2): ascend CE(main) + CE(ASE) as well,
         # and count an example robust only if it survives both attacks
-        def both_heads(m, x_adv, y):
-            logits, ase_logits = m.forward_heads(x_adv)
-            return (F.cross_entropy(logits.float(), y, reduction='sum')
-                    + F.cross_entropy(ase_logits.float(), y, reduction='sum'))
+        both_heads = strongest_pgd_loss(model)
         attacks['pgd20_both'] = lambda m, x, y: pgd(m, x, y, eps, 20, step20, random_start=True,
                                                     loss=both_heads)
 

@@ -78,6 +78,22 @@ def test_eps_curve_starts_at_natural_accuracy_and_never_rises():
     assert all(b <= a for a, b in zip(curve, curve[1:])) and curve[-1] < curve[0]
 
 
+def test_eps_curve_counts_an_image_only_if_every_smaller_eps_left_it_right(monkeypatch):
+    """An attack that is weaker at a larger eps (here: it gives up above 0.05) must not lift the
+    curve: the smaller ball lies inside the larger, so what it broke stays broken."""
+    from test_attacks import trained_model
+    model, x, y = trained_model()
+    split = common.Split((x * 255).round().to(torch.uint8), y)
+
+    def erratic(m, xb, yb, eps, *a, **k):           # breaks images at eps 0.05 only
+        return torch.zeros_like(xb) if 0 < eps <= 0.05 else xb
+    monkeypatch.setattr(evaluation, 'pgd', erratic)
+    nat, erased = common.accuracy(model, split), common.accuracy(model, split, lambda m, xb, yb: torch.zeros_like(xb))
+    curve = evaluation.eps_curve(model, split, [0.0, 0.05, 0.1], 32)
+    assert curve[0] == nat and erased < nat
+    assert curve[1] == curve[2] <= erased       # not back to natural accuracy at 0.1
+
+
 def test_masking_warning_fires_on_a_model_accurate_at_every_eps(tmp_path, quick_runs):
     write_parts(tmp_path / 'data')
     stuck = constant_checkpoint(tmp_path / 'stuck.pt', tmp_path / 'data', TEST[1])
